@@ -22,23 +22,30 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from attestd.v1 import common_pb2 as attestd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61ttestd/v1/enrollment.proto\x12\nattestd.v1\"g\n\rEnrollRequest\x12\x16\n\x0e\x65k_certificate\x18\x01 \x01(\x0c\x12\x11\n\tek_public\x18\x02 \x01(\x0c\x12\x11\n\tak_public\x18\x03 \x01(\x0c\x12\x18\n\x10\x65k_intermediates\x18\x04 \x03(\x0c\"\x83\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x03 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x04 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\"J\n\x0f\x41\x63tivateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\x0c\"6\n\x10\x41\x63tivateResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x02 \x01(\t2\x94\x01\n\nEnrollment\x12?\n\x06\x45nroll\x12\x19.attestd.v1.EnrollRequest\x1a\x1a.attestd.v1.EnrollResponse\x12\x45\n\x08\x41\x63tivate\x12\x1b.attestd.v1.ActivateRequest\x1a\x1c.attestd.v1.ActivateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61ttestd/v1/enrollment.proto\x12\nattestd.v1\x1a\x17\x61ttestd/v1/common.proto\"g\n\rEnrollRequest\x12\x16\n\x0e\x65k_certificate\x18\x01 \x01(\x0c\x12\x11\n\tek_public\x18\x02 \x01(\x0c\x12\x11\n\tak_public\x18\x03 \x01(\x0c\x12\x18\n\x10\x65k_intermediates\x18\x04 \x03(\x0c\"\x83\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x03 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x04 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\"J\n\x0f\x41\x63tivateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\x0c\"6\n\x10\x41\x63tivateResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x02 \x01(\t\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xba\x02\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65k_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x03 \x01(\t\x12\x16\n\x0e\x65nrolled_at_ms\x18\x04 \x01(\x03\x12\x17\n\x0f\x61\x63tivated_at_ms\x18\x05 \x01(\x03\x12\x16\n\x0e\x65k_cert_issuer\x18\x06 \x01(\t\x12\x16\n\x0e\x65k_cert_serial\x18\x07 \x01(\t\x12\x18\n\x10tpm_manufacturer\x18\x08 \x01(\t\x12\x11\n\ttpm_model\x18\t \x01(\t\x12\x13\n\x0btpm_version\x18\n \x01(\t\x12+\n\x0elatest_verdict\x18\x0b \x01(\x0b\x32\x13.attestd.v1.Verdict\x12 \n\x18\x63redential_expires_at_ms\x18\x0c \x01(\x03\x32\x94\x01\n\nEnrollment\x12?\n\x06\x45nroll\x12\x19.attestd.v1.EnrollRequest\x1a\x1a.attestd.v1.EnrollResponse\x12\x45\n\x08\x41\x63tivate\x12\x1b.attestd.v1.ActivateRequest\x1a\x1c.attestd.v1.ActivateResponse2L\n\x07\x44\x65vices\x12\x41\n\tGetDevice\x12\x1c.attestd.v1.GetDeviceRequest\x1a\x16.attestd.v1.DeviceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attestd.v1.enrollment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENROLLREQUEST']._serialized_start=43
-  _globals['_ENROLLREQUEST']._serialized_end=146
-  _globals['_ENROLLRESPONSE']._serialized_start=149
-  _globals['_ENROLLRESPONSE']._serialized_end=280
-  _globals['_ACTIVATEREQUEST']._serialized_start=282
-  _globals['_ACTIVATEREQUEST']._serialized_end=356
-  _globals['_ACTIVATERESPONSE']._serialized_start=358
-  _globals['_ACTIVATERESPONSE']._serialized_end=412
-  _globals['_ENROLLMENT']._serialized_start=415
-  _globals['_ENROLLMENT']._serialized_end=563
+  _globals['_ENROLLREQUEST']._serialized_start=68
+  _globals['_ENROLLREQUEST']._serialized_end=171
+  _globals['_ENROLLRESPONSE']._serialized_start=174
+  _globals['_ENROLLRESPONSE']._serialized_end=305
+  _globals['_ACTIVATEREQUEST']._serialized_start=307
+  _globals['_ACTIVATEREQUEST']._serialized_end=381
+  _globals['_ACTIVATERESPONSE']._serialized_start=383
+  _globals['_ACTIVATERESPONSE']._serialized_end=437
+  _globals['_GETDEVICEREQUEST']._serialized_start=439
+  _globals['_GETDEVICEREQUEST']._serialized_end=476
+  _globals['_DEVICEINFO']._serialized_start=479
+  _globals['_DEVICEINFO']._serialized_end=793
+  _globals['_ENROLLMENT']._serialized_start=796
+  _globals['_ENROLLMENT']._serialized_end=944
+  _globals['_DEVICES']._serialized_start=946
+  _globals['_DEVICES']._serialized_end=1022
 # @@protoc_insertion_point(module_scope)

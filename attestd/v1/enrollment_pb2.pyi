@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from attestd.v1 import common_pb2 as _common_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -133,3 +134,78 @@ class ActivateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ActivateResponse: _TypeAlias = ActivateResponse  # noqa: Y015
+
+@_typing.final
+class GetDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeviceRequest: _TypeAlias = GetDeviceRequest  # noqa: Y015
+
+@_typing.final
+class DeviceInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    EK_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    AK_NAME_FIELD_NUMBER: _builtins.int
+    ENROLLED_AT_MS_FIELD_NUMBER: _builtins.int
+    ACTIVATED_AT_MS_FIELD_NUMBER: _builtins.int
+    EK_CERT_ISSUER_FIELD_NUMBER: _builtins.int
+    EK_CERT_SERIAL_FIELD_NUMBER: _builtins.int
+    TPM_MANUFACTURER_FIELD_NUMBER: _builtins.int
+    TPM_MODEL_FIELD_NUMBER: _builtins.int
+    TPM_VERSION_FIELD_NUMBER: _builtins.int
+    LATEST_VERDICT_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    ek_fingerprint: _builtins.str
+    """Hex SHA-256 of the EK's SubjectPublicKeyInfo."""
+    ak_name: _builtins.str
+    enrolled_at_ms: _builtins.int
+    activated_at_ms: _builtins.int
+    ek_cert_issuer: _builtins.str
+    ek_cert_serial: _builtins.str
+    tpm_manufacturer: _builtins.str
+    tpm_model: _builtins.str
+    tpm_version: _builtins.str
+    credential_expires_at_ms: _builtins.int
+    @_builtins.property
+    def latest_verdict(self) -> _common_pb2.Verdict:
+        """The latest appraisal, if the device has attested."""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        ek_fingerprint: _builtins.str = ...,
+        ak_name: _builtins.str = ...,
+        enrolled_at_ms: _builtins.int = ...,
+        activated_at_ms: _builtins.int = ...,
+        ek_cert_issuer: _builtins.str = ...,
+        ek_cert_serial: _builtins.str = ...,
+        tpm_manufacturer: _builtins.str = ...,
+        tpm_model: _builtins.str = ...,
+        tpm_version: _builtins.str = ...,
+        latest_verdict: _common_pb2.Verdict | None = ...,
+        credential_expires_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latest_verdict", b"latest_verdict"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "latest_verdict", b"latest_verdict", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeviceInfo: _TypeAlias = DeviceInfo  # noqa: Y015

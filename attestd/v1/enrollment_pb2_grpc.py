@@ -147,3 +147,78 @@ class Enrollment:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class DevicesStub:
+    """Read access to enrolled devices and their latest verdict.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetDevice = channel.unary_unary(
+                '/attestd.v1.Devices/GetDevice',
+                request_serializer=attestd_dot_v1_dot_enrollment__pb2.GetDeviceRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.FromString,
+                _registered_method=True)
+
+
+class DevicesServicer:
+    """Read access to enrolled devices and their latest verdict.
+    """
+
+    def GetDevice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DevicesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDevice,
+                    request_deserializer=attestd_dot_v1_dot_enrollment__pb2.GetDeviceRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'attestd.v1.Devices', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('attestd.v1.Devices', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Devices:
+    """Read access to enrolled devices and their latest verdict.
+    """
+
+    @staticmethod
+    def GetDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Devices/GetDevice',
+            attestd_dot_v1_dot_enrollment__pb2.GetDeviceRequest.SerializeToString,
+            attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -80,3 +80,31 @@ class EnrollmentServicer(metaclass=_abc_1.ABCMeta):
         """Completes enrollment with the secret the TPM recovered with ActivateCredential."""
 
 def add_EnrollmentServicer_to_server(servicer: EnrollmentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class DevicesStub:
+    """Read access to enrolled devices and their latest verdict."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> DevicesAsyncStub: ...
+    GetDevice: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetDeviceRequest, _enrollment_pb2.DeviceInfo]
+
+@_typing.type_check_only
+class DevicesAsyncStub(DevicesStub):
+    """Read access to enrolled devices and their latest verdict."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetDevice: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetDeviceRequest, _enrollment_pb2.DeviceInfo]  # type: ignore[assignment]
+
+class DevicesServicer(metaclass=_abc_1.ABCMeta):
+    """Read access to enrolled devices and their latest verdict."""
+
+    @_abc_1.abstractmethod
+    def GetDevice(
+        self,
+        request: _enrollment_pb2.GetDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.DeviceInfo, _abc.Awaitable[_enrollment_pb2.DeviceInfo]]: ...
+
+def add_DevicesServicer_to_server(servicer: DevicesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,218 @@
+"""The device's TPM, through tpm2-pytss (ESAPI).
+
+Works with any TCTI: ``swtpm:host=127.0.0.1,port=2321`` for the simulator,
+``device:/dev/tpmrm0`` for a real TPM behind the kernel resource manager,
+``tabrmd`` for the access broker. Every transient handle and session created
+here is flushed (the simulator has no resource manager to do it).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT
+from tpm2_pytss.types import (
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPML_PCR_SELECTION,
+    TPMS_PCR_SELECTION,
+    TPMT_PUBLIC,
+    TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
+)
+from tpm2_pytss.utils import NVReadEK, NoSuchIndex, create_ek_template
+
+# Where the AK is kept between boots (TCG "Registry of reserved TPM 2.0
+# handles": 0x81010002 and up are for endorsement-hierarchy keys like AKs).
+DEFAULT_AK_HANDLE = 0x81010002
+
+# TCG EK Credential Profile: which EK certificate/template to look for.
+EK_TYPES = {"rsa": "EK-RSA2048", "ecc": "EK-HIGH-ECC384"}
+
+_AK_ATTRS = (
+    TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+)
+_AK_TEMPLATES = {"rsa": "rsa2048:rsassa-sha256:null", "ecc": "ecc256:ecdsa-sha256:null"}
+_BANK_ALGS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384,
+              "sha512": TPM2_ALG.SHA512}
+
+
+class AgentError(Exception):
+    """The TPM could not do what the agent asked; the message says what."""
+
+
+@dataclass(frozen=True)
+class Quote:
+    attest: bytes  # TPMS_ATTEST
+    signature: bytes  # TPMT_SIGNATURE
+    pcrs: dict[str, dict[int, bytes]]
+
+
+class DeviceTpm:
+    def __init__(self, tcti: str) -> None:
+        try:
+            self.ectx = ESAPI(tcti)
+        except TSS2_Exception as e:
+            raise AgentError(f"cannot open the TPM through TCTI {tcti!r}: {e}") from None
+
+    def close(self) -> None:
+        self.ectx.close()
+
+    def __enter__(self) -> DeviceTpm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transient(self, handle: ESYS_TR) -> Iterator[ESYS_TR]:
+        try:
+            yield handle
+        finally:
+            self.ectx.flush_context(handle)
+
+    # -- EK ----------------------------------------------------------------
+
+    def endorsement(self, ek_type: str = "rsa") -> tuple[bytes, bytes]:
+        """(EK certificate DER, EK TPM2B_PUBLIC): the cert from NV, the key from its template."""
+        try:
+            cert, template = create_ek_template(EK_TYPES[ek_type], NVReadEK(self.ectx))
+        except (ValueError, NoSuchIndex) as e:
+            raise AgentError(f"no {ek_type} EK certificate in this TPM's NV storage: {e}") from None
+        if not cert:
+            raise AgentError(f"no {ek_type} EK certificate in this TPM's NV storage")
+        with self._ek(template) as (_, public):
+            return bytes(cert), bytes(public.marshal())
+
+    @contextmanager
+    def _ek(self, template: TPM2B_PUBLIC) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+        handle, public, _, _, _ = self.ectx.create_primary(
+            TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.ENDORSEMENT
+        )
+        with self._transient(handle):
+            yield handle, public
+
+    # -- AK ----------------------------------------------------------------
+
+    def ak_public(self, handle: int = DEFAULT_AK_HANDLE) -> bytes | None:
+        """The persisted AK's TPM2B_PUBLIC, or None when there is none."""
+        tr = self._persistent(handle)
+        if tr is None:
+            return None
+        public, _, _ = self.ectx.read_public(tr)
+        return bytes(public.marshal())
+
+    def _persistent(self, handle: int) -> ESYS_TR | None:
+        try:
+            return self.ectx.tr_from_tpmpublic(handle)
+        except TSS2_Exception:
+            return None
+
+    def create_ak(self, alg: str = "rsa", handle: int = DEFAULT_AK_HANDLE) -> bytes:
+        """Create a fresh AK in the endorsement hierarchy and persist it at ``handle``.
+
+        A random ``unique`` makes the primary key new each time, so re-enrolling
+        with a new AK really yields a different key.
+        """
+        tmpl = TPMT_PUBLIC.parse(alg=_AK_TEMPLATES[alg], objectAttributes=_AK_ATTRS)
+        if alg == "rsa":
+            tmpl.unique.rsa = secrets.token_bytes(32)
+        else:
+            tmpl.unique.ecc.x = secrets.token_bytes(32)
+        old = self._persistent(handle)
+        if old is not None:
+            self.ectx.evict_control(ESYS_TR.OWNER, old, handle)
+        tr, public, _, _, _ = self.ectx.create_primary(
+            TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=tmpl), ESYS_TR.ENDORSEMENT
+        )
+        with self._transient(tr):
+            self.ectx.evict_control(ESYS_TR.OWNER, tr, handle)
+        return bytes(public.marshal())
+
+    # -- ActivateCredential -----------------------------------------------
+
+    def activate(
+        self, credential_blob: bytes, encrypted_secret: bytes, ek_type: str = "rsa",
+        ak_handle: int = DEFAULT_AK_HANDLE,
+    ) -> bytes:
+        """TPM2_ActivateCredential with the AK and the EK (EK auth: PolicySecret(endorsement))."""
+        _, template = create_ek_template(EK_TYPES[ek_type], NVReadEK(self.ectx))
+        ak = self._persistent(ak_handle)
+        if ak is None:
+            raise AgentError(f"no AK at handle 0x{ak_handle:08x}; enroll first")
+        blob, _ = TPM2B_ID_OBJECT.unmarshal(credential_blob)
+        secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+        with self._ek(template) as (ek, _):
+            session = self.ectx.start_auth_session(
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+            )
+            with self._transient(session):
+                self.ectx.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+                try:
+                    cred = self.ectx.activate_credential(
+                        ak, ek, blob, secret, session1=ESYS_TR.PASSWORD, session2=session
+                    )
+                except TSS2_Exception as e:
+                    raise AgentError(f"TPM2_ActivateCredential failed: {e}") from None
+        return bytes(cred)
+
+    # -- Quote and PCRs --------------------------------------------------
+
+    def quote(
+        self, selection: Sequence[tuple[str, Sequence[int]]], nonce: bytes,
+        ak_handle: int = DEFAULT_AK_HANDLE,
+    ) -> Quote:
+        """Quote the selection over ``nonce`` with the AK, then read the quoted values."""
+        ak = self._persistent(ak_handle)
+        if ak is None:
+            raise AgentError(f"no AK at handle 0x{ak_handle:08x}; enroll first")
+        sel = _selection(selection)
+        attest, signature = self.ectx.quote(ak, sel, nonce, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+        return Quote(bytes(attest), bytes(signature.marshal()), self.read_pcrs(selection))
+
+    def read_pcrs(self, selection: Sequence[tuple[str, Sequence[int]]]) -> dict[str, dict[int, bytes]]:
+        out: dict[str, dict[int, bytes]] = {}
+        for bank, indices in selection:
+            values: dict[int, bytes] = {}
+            pending = sorted(set(indices))
+            # TPM2_PCR_Read answers at most 8 digests per call.
+            while pending:
+                _, read_sel, digests = self.ectx.pcr_read(_selection([(bank, pending)]))
+                got = _indices(read_sel)
+                if not got:
+                    raise AgentError(f"the TPM has no {bank} bank or no such PCRs")
+                for i, d in zip(got, digests, strict=True):
+                    values[i] = bytes(d)
+                pending = [i for i in pending if i not in values]
+            out[bank] = values
+        return out
+
+
+def _selection(selection: Sequence[tuple[str, Sequence[int]]]) -> TPML_PCR_SELECTION:
+    entries = []
+    for bank, indices in selection:
+        bitmap = bytearray(3)
+        for i in indices:
+            bitmap[i // 8] |= 1 << (i % 8)
+        entries.append(TPMS_PCR_SELECTION(hash=_BANK_ALGS[bank], sizeofSelect=3, pcrSelect=bytes(bitmap)))
+    return TPML_PCR_SELECTION(entries)
+
+
+def _indices(sel: TPML_PCR_SELECTION) -> list[int]:
+    out: list[int] = []
+    for entry in sel:
+        bitmap = bytes(entry.pcrSelect)[: entry.sizeofSelect]
+        out.extend(i * 8 + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1)
+    return out

@@ -1,0 +1,460 @@
+"""Appraisal of a TPM2 quote: the checks of DESIGN.md "What Attest must check".
+
+Everything arrives as arguments: the evidence bytes, the nonce this server
+issued, the enrolled AK (parsed once at enrollment), the policy, the device's
+last accepted clock state and the time. Nothing here does I/O.
+
+Order matters and follows the trust it establishes:
+
+1. structure (TPMS_ATTEST magic and type; Part 2, 10.12.12),
+2. the signature by the enrolled AK (scheme fits the key, hash allowed),
+   and only over authenticated bytes, from here on:
+3. freshness (extraData equals the nonce, constant-time),
+4. the signed pcrSelect equals the policy's selection and the submitted
+   values' selection; the pcrDigest recomputed from the submitted values
+   equals the signed one,
+5. the values are among the policy's reference digests,
+6. clock: safe, resetCount/restartCount never backwards, clock advancing,
+   firmwareVersion not downgraded.
+
+A failure at 1-2 stops the appraisal: nothing in unauthenticated bytes is
+worth judging.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from attestd.core import verdict as v
+from attestd.core.errors import MalformedError
+from attestd.core.limits import DEFAULT_LIMITS, Limits
+from attestd.core.policy import Policy
+from attestd.core.tpm import (
+    PCR_COUNT,
+    TPM_GENERATED_VALUE,
+    Alg,
+    Attest,
+    Bank,
+    PublicArea,
+    Selection,
+    Signature,
+    St,
+    alg_name,
+    crypto_hash,
+    parse_attest,
+    parse_signature,
+    pcr_digest,
+)
+from attestd.core.verdict import Code, Failure, TrustVector, Verdict
+
+# PC Client PFP: PCRs 1, 3, 5 and 7 hold configuration; the others code.
+CONFIG_PCRS = frozenset({1, 3, 5, 7})
+STRONG_HASHES = frozenset({Alg.SHA256, Alg.SHA384, Alg.SHA512})
+
+PcrValues = Mapping[Bank, Mapping[int, bytes]]
+
+
+@dataclass(frozen=True)
+class ClockState:
+    """What the last accepted quote said about the TPM's clock and firmware."""
+
+    reset_count: int
+    restart_count: int
+    clock: int
+    firmware_version: int
+
+    @classmethod
+    def of(cls, attest: Attest) -> ClockState:
+        ci = attest.clock_info
+        return cls(ci.reset_count, ci.restart_count, ci.clock, attest.firmware_version)
+
+
+@dataclass(frozen=True)
+class QuoteEvidence:
+    """Parsed, bounded evidence: nothing in it has been judged yet."""
+
+    attest: Attest
+    signature: Signature
+    message: bytes  # the signed TPMS_ATTEST bytes
+    pcrs: PcrValues
+
+
+@dataclass(frozen=True)
+class Appraisal:
+    verdict: Verdict
+    evidence: QuoteEvidence
+    # The clock state to remember as "last accepted", or None when not accepted.
+    accepted_clock: ClockState | None
+
+
+def parse_evidence(
+    quote: bytes,
+    signature: bytes,
+    pcrs: Mapping[str, Mapping[int, bytes]],
+    limits: Limits = DEFAULT_LIMITS,
+) -> QuoteEvidence:
+    """Parse quote, signature and PCR values; raise MalformedError naming the field."""
+    attest = parse_attest(quote, "quote", limits)
+    sig = parse_signature(signature, "signature", limits)
+    if len(pcrs) > limits.max_banks_per_request:
+        raise MalformedError(f"more than {limits.max_banks_per_request} banks", field="pcrs")
+    values: dict[Bank, dict[int, bytes]] = {}
+    for bank_name, bank_values in pcrs.items():
+        try:
+            bank = Bank.parse(bank_name)
+        except ValueError as e:
+            raise MalformedError(str(e), field=f"pcrs.{bank_name}") from None
+        if bank in values:
+            raise MalformedError("bank given twice", field=f"pcrs.{bank_name}")
+        checked: dict[int, bytes] = {}
+        for index, digest in bank_values.items():
+            where = f"pcrs.{bank.value}.{index}"
+            if not 0 <= index < PCR_COUNT:
+                raise MalformedError("PCR index must be 0-23", field=where)
+            if len(digest) != bank.digest_size:
+                raise MalformedError(
+                    f"a {bank.value} PCR value is {bank.digest_size} bytes, got {len(digest)}",
+                    field=where,
+                )
+            checked[index] = bytes(digest)
+        values[bank] = checked
+    return QuoteEvidence(attest, sig, bytes(quote), values)
+
+
+def verify_signature(
+    public: PublicArea, sig: Signature, message: bytes, *, allow_sha1: bool
+) -> Failure | None:
+    """Check that ``sig`` over ``message`` is the key's, with an acceptable scheme.
+
+    Returns the failure, or None when the signature is good. (Named failures
+    rather than a bool: the caller reports which rule broke.)
+    """
+    allowed = {Alg.RSA: (Alg.RSASSA, Alg.RSAPSS), Alg.ECC: (Alg.ECDSA,)}[public.type]
+    if sig.alg not in allowed or (public.scheme != Alg.NULL and sig.alg != public.scheme):
+        return Failure(
+            Code.SIGNATURE_SCHEME_MISMATCH,
+            "signature.sigAlg",
+            expected=alg_name(public.scheme if public.scheme != Alg.NULL else allowed[0]),
+            got=alg_name(sig.alg),
+            detail="the signature scheme does not fit the attestation key",
+        )
+    if (
+        public.scheme != Alg.NULL
+        and public.scheme_hash is not None
+        and sig.hash_alg != public.scheme_hash
+    ):
+        return Failure(
+            Code.SIGNATURE_SCHEME_MISMATCH,
+            "signature.hash",
+            expected=alg_name(public.scheme_hash),
+            got=alg_name(sig.hash_alg),
+            detail="the signature hash differs from the key's scheme",
+        )
+    ok_hashes = STRONG_HASHES | ({Alg.SHA1} if allow_sha1 else set())
+    if sig.hash_alg not in ok_hashes:
+        return Failure(
+            Code.SIGNATURE_HASH_NOT_ALLOWED,
+            "signature.hash",
+            expected="/".join(sorted(alg_name(a) for a in ok_hashes)),
+            got=alg_name(sig.hash_alg),
+            detail="SHA-1 needs a policy that allows it" if sig.hash_alg == Alg.SHA1 else "",
+        )
+    h = crypto_hash(sig.hash_alg)
+    key = public.public_key
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            pad: padding.AsymmetricPadding = (
+                padding.PKCS1v15()
+                if sig.alg == Alg.RSASSA
+                else padding.PSS(mgf=padding.MGF1(h), salt_length=padding.PSS.AUTO)
+            )
+            key.verify(sig.sig, message, pad, h)
+        else:
+            key.verify(encode_dss_signature(sig.r, sig.s), message, ec.ECDSA(h))
+    except (InvalidSignature, ValueError):
+        return Failure(
+            Code.SIGNATURE_INVALID,
+            "signature",
+            detail="the signature does not verify with the device's attestation key",
+        )
+    return None
+
+
+def describe_selection(selection: Mapping[Bank, frozenset[int]]) -> str:
+    return " ".join(
+        f"{bank.value}:{','.join(str(i) for i in sorted(idx))}"
+        for bank, idx in sorted(selection.items(), key=lambda kv: kv[0].alg.value)
+    )
+
+
+def _canonical(selection: Selection) -> dict[Bank, frozenset[int]] | None:
+    """Selection as {bank: indices}, or None when it repeats or names an unknown bank."""
+    out: dict[Bank, frozenset[int]] = {}
+    for alg, indices in selection:
+        try:
+            bank = Bank.from_alg(alg)
+        except ValueError:
+            return None
+        if bank in out:
+            return None
+        if indices:
+            out[bank] = indices
+    return out
+
+
+def appraise_quote(
+    evidence: QuoteEvidence,
+    ak: PublicArea,
+    *,
+    nonce: bytes | None,
+    policy: Policy | None,
+    previous: ClockState | None,
+    now_ms: int,
+    allow_sha1: bool | None = None,
+    required_hash: Alg | None = None,
+) -> Appraisal:
+    """Appraise a quote. ``nonce=None`` skips freshness (offline use only; a warning says so).
+
+    ``policy=None`` checks integrity only (offline): no reference values, no selection demand.
+    """
+    attest = evidence.attest
+    failures: list[Failure] = []
+    warnings: list[Failure] = []
+    tv = TrustVector(
+        instance_identity=v.TRUSTWORTHY_INSTANCE,
+        hardware=v.GENUINE_HARDWARE,
+        configuration=v.APPROVED_CONFIG if policy else v.NO_CLAIM,
+        executables=v.APPROVED_BOOT if policy else v.NO_CLAIM,
+    )
+    sha1_ok = allow_sha1 if allow_sha1 is not None else bool(policy and policy.allow_sha1)
+
+    # 1. Structure.
+    if attest.magic != TPM_GENERATED_VALUE:
+        failures.append(
+            Failure(
+                Code.QUOTE_MAGIC_INVALID,
+                "quote.magic",
+                f"0x{TPM_GENERATED_VALUE:08x}",
+                f"0x{attest.magic:08x}",
+                "not a structure the TPM generated",
+            )
+        )
+    if attest.type != St.ATTEST_QUOTE:
+        failures.append(
+            Failure(
+                Code.QUOTE_TYPE_INVALID,
+                "quote.type",
+                f"0x{St.ATTEST_QUOTE:04x}",
+                f"0x{attest.type:04x}",
+                "not a TPM2_Quote attestation",
+            )
+        )
+    # 2. Signature by the enrolled AK.
+    if not failures:
+        bad = verify_signature(ak, evidence.signature, evidence.message, allow_sha1=sha1_ok)
+        if (
+            bad is None
+            and required_hash is not None
+            and evidence.signature.hash_alg != required_hash
+        ):
+            bad = Failure(
+                Code.SIGNATURE_HASH_NOT_ALLOWED,
+                "signature.hash",
+                alg_name(required_hash),
+                alg_name(evidence.signature.hash_alg),
+                "the caller required another hash",
+            )
+        if bad is not None:
+            failures.append(bad)
+    if failures:
+        tv = tv.worse(instance_identity=v.CRYPTO_VALIDATION_FAILED)
+        return _done(evidence, tv, failures, warnings, policy, now_ms)
+
+    # 3. Freshness.
+    if nonce is None:
+        warnings.append(
+            Failure(
+                Code.NONCE_NOT_CHECKED,
+                "quote.extraData",
+                got=attest.extra_data.hex(),
+                detail="no nonce was given, so freshness was not checked",
+            )
+        )
+    elif not hmac.compare_digest(attest.extra_data, nonce):
+        failures.append(
+            Failure(
+                Code.NONCE_MISMATCH,
+                "quote.extraData",
+                nonce.hex(),
+                attest.extra_data.hex(),
+                "the quote was not made over this nonce",
+            )
+        )
+        tv = tv.worse(instance_identity=v.UNTRUSTWORTHY_INSTANCE)
+
+    # 4. Signed selection and digest.
+    signed = _canonical(attest.pcr_select)
+    submitted = {bank: frozenset(vals) for bank, vals in evidence.pcrs.items() if vals}
+    values_trusted = False
+    if signed is None:
+        failures.append(
+            Failure(
+                Code.PCR_SELECTION_MISMATCH,
+                "quote.pcrSelect",
+                detail="the signed selection repeats a bank or names an unknown one",
+            )
+        )
+    else:
+        if policy is not None:
+            wanted = {
+                bank: idx for bank, idx in ((Bank.from_alg(a), i) for a, i in policy.selection())
+            }
+            if signed != wanted:
+                failures.append(
+                    Failure(
+                        Code.PCR_SELECTION_MISMATCH,
+                        "quote.pcrSelect",
+                        describe_selection(wanted),
+                        describe_selection(signed),
+                        "the signed selection is not the one the policy asked for",
+                    )
+                )
+        if signed != submitted:
+            failures.append(
+                Failure(
+                    Code.PCR_VALUES_SELECTION_MISMATCH,
+                    "pcrs",
+                    describe_selection(signed),
+                    describe_selection(submitted),
+                    "the submitted PCR values are not the ones the quote covers",
+                )
+            )
+        else:
+            by_alg = {bank.alg.value: vals for bank, vals in evidence.pcrs.items()}
+            digest = pcr_digest(evidence.signature.hash_alg, attest.pcr_select, by_alg)
+            if hmac.compare_digest(digest, attest.pcr_digest):
+                values_trusted = True
+            else:
+                failures.append(
+                    Failure(
+                        Code.PCR_DIGEST_MISMATCH,
+                        "quote.pcrDigest",
+                        attest.pcr_digest.hex(),
+                        digest.hex(),
+                        "the submitted PCR values are not the ones the TPM signed",
+                    )
+                )
+    if not values_trusted or failures:
+        tv = tv.worse(instance_identity=v.UNTRUSTWORTHY_INSTANCE)
+
+    # 5. Reference values (only over values the signature vouches for).
+    if policy is not None and values_trusted:
+        for bank, refs in sorted(policy.pcrs.items(), key=lambda kv: kv[0].alg.value):
+            for index, allowed in sorted(refs.items()):
+                got = evidence.pcrs[bank][index]
+                if got in allowed:
+                    continue
+                failures.append(
+                    Failure(
+                        Code.PCR_VALUE_NOT_ALLOWED,
+                        f"pcr[{bank.value}:{index}]",
+                        " | ".join(sorted(d.hex() for d in allowed)),
+                        got.hex(),
+                        f"PCR {index} ({bank.value}) is not among the policy's reference values",
+                    )
+                )
+                if index in CONFIG_PCRS:
+                    tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
+                else:
+                    tv = tv.worse(executables=v.CONTRAINDICATED_RUNTIME)
+
+    # 6. Clock and firmware against the last accepted quote.
+    ci = attest.clock_info
+    if not ci.safe:
+        failures.append(
+            Failure(
+                Code.CLOCK_UNSAFE,
+                "quote.clockInfo.safe",
+                "1",
+                "0",
+                "the TPM clock may have gone backwards since it was last recorded",
+            )
+        )
+        tv = tv.worse(hardware=v.CONTRAINDICATED_HARDWARE)
+    if previous is not None:
+        clock_failure = _clock_failure(previous, attest)
+        if clock_failure is not None:
+            failures.append(clock_failure)
+            tv = tv.worse(hardware=v.CONTRAINDICATED_HARDWARE)
+        if attest.firmware_version < previous.firmware_version:
+            warnings.append(
+                Failure(
+                    Code.FIRMWARE_DOWNGRADE,
+                    "quote.firmwareVersion",
+                    f">= 0x{previous.firmware_version:016x}",
+                    f"0x{attest.firmware_version:016x}",
+                    "the TPM firmware is older than at the last accepted quote",
+                )
+            )
+            tv = tv.worse(hardware=v.UNSAFE_HARDWARE)
+    return _done(evidence, tv, failures, warnings, policy, now_ms)
+
+
+def _clock_failure(prev: ClockState, attest: Attest) -> Failure | None:
+    ci = attest.clock_info
+    if ci.reset_count < prev.reset_count:
+        return Failure(
+            Code.RESET_COUNT_ROLLBACK,
+            "quote.clockInfo.resetCount",
+            f">= {prev.reset_count}",
+            str(ci.reset_count),
+            "resetCount went backwards: an old TPM state or a replayed quote",
+        )
+    if ci.reset_count == prev.reset_count:
+        if ci.restart_count < prev.restart_count:
+            return Failure(
+                Code.RESTART_COUNT_ROLLBACK,
+                "quote.clockInfo.restartCount",
+                f">= {prev.restart_count}",
+                str(ci.restart_count),
+                "restartCount went backwards without a TPM reset",
+            )
+        if ci.clock <= prev.clock:
+            return Failure(
+                Code.CLOCK_NOT_ADVANCING,
+                "quote.clockInfo.clock",
+                f"> {prev.clock}",
+                str(ci.clock),
+                "the TPM clock did not advance since the last accepted quote",
+            )
+    return None
+
+
+def _done(
+    evidence: QuoteEvidence,
+    tv: TrustVector,
+    failures: list[Failure],
+    warnings: list[Failure],
+    policy: Policy | None,
+    now_ms: int,
+) -> Appraisal:
+    status = tv.status
+    if failures and status is not v.Status.CONTRAINDICATED:
+        # Every failure maps to a contraindicating claim; this keeps it so.
+        status = v.Status.CONTRAINDICATED
+    verdict = Verdict(
+        status=status,
+        trust_vector=tv,
+        failures=tuple(failures),
+        warnings=tuple(warnings),
+        appraised_at_ms=now_ms,
+        policy_name=policy.name if policy else "",
+    )
+    accepted = status in (v.Status.AFFIRMING, v.Status.WARNING)
+    return Appraisal(verdict, evidence, ClockState.of(evidence.attest) if accepted else None)

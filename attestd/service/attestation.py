@@ -1,0 +1,206 @@
+"""attestd.v1.Attestation: nonce, then quote appraisal and the session credential."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from dataclasses import replace
+
+import grpc
+
+from attestd.core.ear import issue_credential
+from attestd.core.quote import Appraisal, ClockState, appraise_quote, parse_evidence
+from attestd.core.tpm import Bank
+from attestd.core.verdict import Claim, Failure, Verdict
+from attestd.service.errors import ServiceError
+from attestd.service.state import ServiceState, cached_public
+from attestd.store.base import AttestationRecord, NonceGrant, NotFound
+from attestd.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
+
+log = logging.getLogger("attestd.attestation")
+
+NONCE_SIZE = 32
+
+_STATUS = {
+    "none": common_pb2.VERDICT_STATUS_NONE,
+    "affirming": common_pb2.VERDICT_STATUS_AFFIRMING,
+    "warning": common_pb2.VERDICT_STATUS_WARNING,
+    "contraindicated": common_pb2.VERDICT_STATUS_CONTRAINDICATED,
+}
+
+
+def _failure_pb(f: Failure) -> common_pb2.Failure:
+    return common_pb2.Failure(
+        code=f.code.value, subject=f.subject, expected=f.expected, got=f.got, detail=f.detail
+    )
+
+
+def verdict_pb(verdict: Verdict, device_id: str) -> common_pb2.Verdict:
+    tv = verdict.trust_vector
+    return common_pb2.Verdict(
+        status=_STATUS[verdict.status.value],
+        trust_vector=common_pb2.TrustVector(
+            **{claim.name.lower(): getattr(tv, claim.name.lower()) for claim in Claim}
+        ),
+        failures=[_failure_pb(f) for f in verdict.failures],
+        warnings=[_failure_pb(f) for f in verdict.warnings],
+        device_id=device_id,
+        policy_name=verdict.policy_name,
+        policy_version=verdict.policy_version,
+        appraised_at_ms=verdict.appraised_at_ms,
+    )
+
+
+def _require_device_id(device_id: str) -> None:
+    if not device_id or len(device_id) > 128:
+        raise ServiceError("device_id: required, at most 128 characters", "MALFORMED")
+
+
+class AttestationService(attestation_pb2_grpc.AttestationServicer):
+    def __init__(self, state: ServiceState) -> None:
+        self.s = state
+
+    async def GetNonce(
+        self, request: attestation_pb2.GetNonceRequest, context: grpc.aio.ServicerContext
+    ) -> attestation_pb2.GetNonceResponse:
+        _require_device_id(request.device_id)
+        store = self.s.store.store
+        await self.s.store(store.get_device, request.device_id)
+        try:
+            record = await self.s.store(store.get_policy, self.s.config.default_policy)
+        except NotFound:
+            raise ServiceError(
+                f"no policy applies to this device (the default policy "
+                f"{self.s.config.default_policy!r} does not exist yet)",
+                "NO_POLICY",
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ) from None
+        policy = self.s.policy_of(record)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        grant = NonceGrant(
+            device_id=request.device_id,
+            expires_at_ms=self.s.now_ms() + self.s.config.nonce_ttl_s * 1000,
+            policy_name=record.name,
+            policy_version=record.version,
+        )
+        # Only a hash is stored: a database reader cannot lift unused nonces.
+        await self.s.store(store.put_nonce, hashlib.sha256(nonce).digest(), grant)
+        return attestation_pb2.GetNonceResponse(
+            nonce=nonce,
+            expires_at_ms=grant.expires_at_ms,
+            pcr_selection=[
+                common_pb2.PcrSelection(bank=Bank.from_alg(alg).value, indices=sorted(idx))
+                for alg, idx in policy.selection()
+            ],
+            policy_name=record.name,
+            policy_version=record.version,
+        )
+
+    async def Attest(
+        self, request: attestation_pb2.AttestRequest, context: grpc.aio.ServicerContext
+    ) -> attestation_pb2.AttestResponse:
+        _require_device_id(request.device_id)
+        if len(request.nonce) != NONCE_SIZE:
+            raise ServiceError(f"nonce: must be {NONCE_SIZE} bytes", "MALFORMED")
+        limits = self.s.config.limits
+        if len(request.event_log) > limits.max_event_log_size:
+            raise ServiceError("event_log: too large", "MALFORMED", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        banks: dict[str, dict[int, bytes]] = {}
+        for bank in request.pcrs:
+            if bank.bank in banks:
+                raise ServiceError(f"pcrs.{bank.bank}: bank given twice", "MALFORMED")
+            banks[bank.bank] = dict(bank.values)
+        # Parse before consuming the nonce: malformed input loses nothing.
+        evidence = parse_evidence(request.quote, request.signature, banks, limits)
+        store = self.s.store.store
+        device = await self.s.store(store.get_device, request.device_id)
+        now_ms = self.s.now_ms()
+        grant = await self.s.store(
+            store.consume_nonce, hashlib.sha256(request.nonce).digest(), request.device_id, now_ms
+        )
+        record = await self.s.store(store.get_policy, grant.policy_name, grant.policy_version)
+        policy = self.s.policy_of(record)
+        previous = ClockState(**device.clock) if device.clock else None
+        appraisal = appraise_quote(
+            evidence,
+            cached_public(device.ak_public),
+            nonce=request.nonce,
+            policy=policy,
+            previous=previous,
+            now_ms=now_ms,
+        )
+        verdict = replace(appraisal.verdict, policy_version=record.version)
+        response = attestation_pb2.AttestResponse(verdict=verdict_pb(verdict, device.device_id))
+        expires_ms = 0
+        if verdict.affirming:
+            cred = issue_credential(
+                verdict,
+                device_id=device.device_id,
+                nonce=request.nonce,
+                key=self.s.signing_key,
+                now_s=now_ms // 1000,
+                lifetime_s=self.s.config.credential_lifetime_s,
+            )
+            response.credential = cred.token
+            response.credential_expires_at_ms = expires_ms = cred.expires_at_ms
+        await self.s.store(
+            store.record_attestation,
+            _record(device.device_id, verdict, appraisal, expires_ms),
+            _clock_dict(appraisal.accepted_clock),
+        )
+        log.info(
+            "attestation device=%s status=%s failures=%s",
+            device.device_id,
+            verdict.status.value,
+            ",".join(verdict.codes()) or "-",
+        )
+        return response
+
+
+def _clock_dict(state: ClockState | None) -> dict[str, int] | None:
+    if state is None:
+        return None
+    return {
+        "reset_count": state.reset_count,
+        "restart_count": state.restart_count,
+        "clock": state.clock,
+        "firmware_version": state.firmware_version,
+    }
+
+
+def _record(device_id: str, verdict: Verdict, appraisal: Appraisal, expires_ms: int) -> AttestationRecord:
+    attest = appraisal.evidence.attest
+    return AttestationRecord(
+        device_id=device_id,
+        at_ms=verdict.appraised_at_ms,
+        status=verdict.status.value,
+        failures=[f.as_dict() for f in verdict.failures],
+        warnings=[f.as_dict() for f in verdict.warnings],
+        trust_vector=verdict.trust_vector.as_ear(),
+        policy_name=verdict.policy_name,
+        policy_version=verdict.policy_version,
+        clock=_clock_dict(ClockState.of(attest)) or {},
+        pcrs={
+            bank.value: {str(i): d.hex() for i, d in sorted(vals.items())}
+            for bank, vals in appraisal.evidence.pcrs.items()
+        },
+        credential_expires_at_ms=expires_ms,
+    )
+
+
+def record_verdict_pb(record: AttestationRecord) -> common_pb2.Verdict:
+    """The stored form of an appraisal, back as the API's Verdict."""
+    tv = record.trust_vector
+    return common_pb2.Verdict(
+        status=_STATUS[record.status],
+        trust_vector=common_pb2.TrustVector(
+            **{claim.name.lower(): tv.get(claim.value, 0) for claim in Claim}
+        ),
+        failures=[common_pb2.Failure(**f) for f in record.failures],
+        warnings=[common_pb2.Failure(**f) for f in record.warnings],
+        device_id=record.device_id,
+        policy_name=record.policy_name,
+        policy_version=record.policy_version,
+        appraised_at_ms=record.at_ms,
+    )

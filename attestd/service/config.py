@@ -1,0 +1,117 @@
+"""Server configuration: a YAML file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attestd.core.limits import DEFAULT_LIMITS, Limits
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says which setting."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("attestd-data")
+    ek_roots: tuple[Path, ...] = ()
+    # Intermediate CA certificates (PEM) offered to path building; not trusted by themselves.
+    ek_intermediates: tuple[Path, ...] = ()
+    nonce_ttl_s: int = 60
+    challenge_ttl_s: int = 300
+    credential_lifetime_s: int = 3600
+    default_policy: str = "default"
+    max_message_bytes: int = 2 * 1024 * 1024
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+
+    @property
+    def store_path(self) -> Path:
+        return self.data_dir / "attestd.sqlite"
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.data_dir / "signing-key.pem"
+
+
+_FIELDS = {f.name for f in dataclasses.fields(ServerConfig)} - {"limits"}
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
+    """Read a YAML config file (optional), apply non-None overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a mapping")
+        unknown = sorted(set(raw) - _FIELDS)
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        values.update(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+    if "data_dir" in values:
+        values["data_dir"] = Path(values["data_dir"])
+    for key in ("ek_roots", "ek_intermediates"):
+        if key in values:
+            paths = values[key]
+            values[key] = tuple(Path(p) for p in ([paths] if isinstance(paths, str) else paths))
+    for key in ("nonce_ttl_s", "challenge_ttl_s", "credential_lifetime_s", "max_message_bytes"):
+        if key in values and (not isinstance(values[key], int) or values[key] <= 0):
+            raise ConfigError(f"{key} must be a positive integer")
+    return ServerConfig(**values)
+
+
+def load_certificates(paths: tuple[Path, ...], setting: str) -> list[x509.Certificate]:
+    """PEM files of certificates (several per file allowed)."""
+    roots: list[x509.Certificate] = []
+    for p in paths:
+        try:
+            roots.extend(x509.load_pem_x509_certificates(p.read_bytes()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{setting}: cannot load {p}: {e}") from None
+    return roots
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data directory private to this user."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, mode & ~0o077)
+
+
+def load_or_create_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """The credential signing key (P-256): created on first start, 0600, reused after."""
+    if path.exists():
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise ConfigError(f"{path} is readable by others; chmod 600 it")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load the signing key {path}: {e}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise ConfigError(f"{path} is not a P-256 private key")
+        return key
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return key

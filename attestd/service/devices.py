@@ -1,0 +1,40 @@
+"""attestd.v1.Devices: an enrolled device and its latest verdict."""
+
+from __future__ import annotations
+
+import grpc
+
+from attestd.service.attestation import record_verdict_pb
+from attestd.service.errors import ServiceError
+from attestd.service.state import ServiceState
+from attestd.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+
+class DevicesService(enrollment_pb2_grpc.DevicesServicer):
+    def __init__(self, state: ServiceState) -> None:
+        self.s = state
+
+    async def GetDevice(
+        self, request: enrollment_pb2.GetDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.DeviceInfo:
+        if not request.device_id:
+            raise ServiceError("device_id: required", "MALFORMED")
+        store = self.s.store.store
+        device = await self.s.store(store.get_device, request.device_id)
+        latest = await self.s.store(store.latest_attestation, request.device_id)
+        info = enrollment_pb2.DeviceInfo(
+            device_id=device.device_id,
+            ek_fingerprint=device.ek_fingerprint,
+            ak_name=device.ak_name,
+            enrolled_at_ms=device.enrolled_at_ms,
+            activated_at_ms=device.activated_at_ms,
+            ek_cert_issuer=device.facts.get("ek_cert_issuer", ""),
+            ek_cert_serial=device.facts.get("ek_cert_serial", ""),
+            tpm_manufacturer=device.facts.get("tpm_manufacturer", ""),
+            tpm_model=device.facts.get("tpm_model", ""),
+            tpm_version=device.facts.get("tpm_version", ""),
+        )
+        if latest is not None:
+            info.latest_verdict.CopyFrom(record_verdict_pb(latest))
+            info.credential_expires_at_ms = latest.credential_expires_at_ms
+        return info

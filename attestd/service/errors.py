@@ -1,0 +1,106 @@
+"""Exceptions -> gRPC status, in one interceptor.
+
+Every error a client sees carries a status code and a stable reason code in
+the trailing metadata key ``attestd-code`` (docs/api.md lists them). An
+unexpected exception becomes INTERNAL with an opaque reference; its
+traceback goes to the server log only, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from attestd.core.errors import EnrollmentError, EvidenceError
+from attestd.store.base import Conflict, NotFound, Rejected, StoreError, StoreUnavailable
+
+log = logging.getLogger("attestd.service")
+
+CODE_KEY = "attestd-code"
+
+
+class ServiceError(Exception):
+    """An error with its gRPC status and reason code, raised by servicers."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, code: str, status: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        if status is not None:
+            self.status = status
+
+
+_PERMISSION_CODES = frozenset({"EK_CHAIN_UNTRUSTED", "ACTIVATION_SECRET_MISMATCH", "DEVICE_EK_MISMATCH"})
+
+
+def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
+    """(status, reason code, message) for an exception a servicer raised."""
+    if isinstance(exc, ServiceError):
+        return exc.status, exc.code, str(exc)
+    if isinstance(exc, EnrollmentError):
+        status = (
+            grpc.StatusCode.PERMISSION_DENIED
+            if exc.code in _PERMISSION_CODES
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        return status, exc.code, str(exc)
+    if isinstance(exc, EvidenceError):
+        return grpc.StatusCode.INVALID_ARGUMENT, exc.code, str(exc)
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, exc.code, "the store is unavailable; retry later"
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND, exc.code, str(exc)
+    if isinstance(exc, Rejected):
+        return grpc.StatusCode.FAILED_PRECONDITION, exc.code, str(exc)
+    if isinstance(exc, Conflict):
+        status = (
+            grpc.StatusCode.PERMISSION_DENIED
+            if exc.code in _PERMISSION_CODES
+            else grpc.StatusCode.ALREADY_EXISTS
+        )
+        return status, exc.code, str(exc)
+    if isinstance(exc, StoreError):
+        return grpc.StatusCode.UNAVAILABLE, exc.code, "the store failed; retry later"
+    ref = secrets.token_hex(6)
+    log.error("internal error ref=%s", ref, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error (reference {ref})"
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions from unary handlers to a status plus ``attestd-code``."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner: Handler = handler.unary_unary
+        method = handler_call_details.method
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                status, code, message = classify(exc)
+                if status is not grpc.StatusCode.INTERNAL:
+                    log.info("%s refused: %s %s", method, status.name, code)
+                await context.abort(status, message, trailing_metadata=((CODE_KEY, code),))
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,66 @@
+"""What the servicers share: configuration, the store (off the event loop), keys, caches."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from attestd.core.policy import Policy, policy_from_document
+from attestd.core.tpm import PublicArea, parse_public
+from attestd.service.config import ServerConfig
+from attestd.store.base import PolicyRecord, Store
+
+T = TypeVar("T")
+
+
+class StoreRunner:
+    """Runs blocking store calls on one worker thread so the event loop never waits on disk."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attestd-store")
+
+    async def __call__(self, fn: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.store.close()
+
+
+@functools.lru_cache(maxsize=65536)
+def cached_public(raw: bytes) -> PublicArea:
+    """AK public areas are parsed once (they only change at enrollment)."""
+    return parse_public(raw, "ak_public")
+
+
+@dataclass
+class ServiceState:
+    config: ServerConfig
+    store: StoreRunner
+    ek_roots: list[x509.Certificate]
+    ek_intermediates: list[x509.Certificate]
+    signing_key: ec.EllipticCurvePrivateKey
+    clock: Callable[[], float] = time.time
+    # Policy versions are immutable, so (name, version) -> Policy never goes stale.
+    _policies: dict[tuple[str, int], Policy] = field(default_factory=dict)
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def policy_of(self, record: PolicyRecord) -> Policy:
+        key = (record.name, record.version)
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = policy_from_document(record.document, self.config.limits)
+            self._policies[key] = policy
+        return policy

@@ -1,0 +1,129 @@
+"""The store interface: everything attestd persists goes through it.
+
+Narrow on purpose, and free of SQLite-only assumptions, so a PostgreSQL
+implementation can sit behind it for several replicas sharing a database.
+The operations that must be atomic across replicas are single methods here
+(``consume_nonce``, ``consume_challenge``, ``activate_device``,
+``put_policy``, ``record_attestation``), never read-then-write sequences in
+the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class StoreError(Exception):
+    """Base of store errors. ``code`` is a stable reason code."""
+
+    code = "STORE_ERROR"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class StoreUnavailable(StoreError):
+    code = "STORE_UNAVAILABLE"
+
+
+class NotFound(StoreError):
+    code = "NOT_FOUND"
+
+
+class Conflict(StoreError):
+    code = "CONFLICT"
+
+
+class Rejected(StoreError):
+    """A single-use item (nonce, challenge) is unknown, used, expired or not the caller's."""
+
+    code = "REJECTED"
+
+
+@dataclass(frozen=True)
+class Challenge:
+    challenge_id: str
+    device_id: str
+    ek_fingerprint: str
+    ek_public: bytes
+    ek_certificate: bytes
+    ak_public: bytes
+    secret_hash: bytes  # SHA-256 of the activation secret; the secret itself is never stored
+    expires_at_ms: int
+    facts: dict[str, str]  # issuer, serial, manufacturer, model, version
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    ek_fingerprint: str
+    ek_public: bytes
+    ek_certificate: bytes
+    ak_public: bytes
+    ak_name: str
+    enrolled_at_ms: int
+    activated_at_ms: int
+    facts: dict[str, str]
+    clock: dict[str, int] | None  # last accepted clock state, or None before the first
+    last_attestation_id: int | None
+
+
+@dataclass(frozen=True)
+class NonceGrant:
+    device_id: str
+    expires_at_ms: int
+    policy_name: str
+    policy_version: int
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    name: str
+    version: int
+    document: dict[str, Any]
+    digest: str
+    created_at_ms: int
+
+
+@dataclass(frozen=True)
+class AttestationRecord:
+    device_id: str
+    at_ms: int
+    status: str
+    failures: list[dict[str, str]]
+    warnings: list[dict[str, str]]
+    trust_vector: dict[str, int]
+    policy_name: str
+    policy_version: int
+    clock: dict[str, int]  # resetCount, restartCount, clock, firmwareVersion as quoted
+    pcrs: dict[str, dict[str, str]]  # bank -> index -> hex
+    credential_expires_at_ms: int = 0
+    attestation_id: int | None = None
+
+
+class Store(Protocol):
+    # Enrollment.
+    def put_challenge(self, challenge: Challenge) -> None: ...
+    def consume_challenge(self, challenge_id: str, device_id: str, now_ms: int) -> Challenge: ...
+    def activate_device(self, challenge: Challenge, ak_name: str, now_ms: int) -> Device: ...
+    def get_device(self, device_id: str) -> Device: ...
+
+    # Nonces.
+    def put_nonce(self, nonce_hash: bytes, grant: NonceGrant) -> None: ...
+    def consume_nonce(self, nonce_hash: bytes, device_id: str, now_ms: int) -> NonceGrant: ...
+
+    # Attestations.
+    def record_attestation(
+        self, record: AttestationRecord, accepted_clock: dict[str, int] | None
+    ) -> int: ...
+    def latest_attestation(self, device_id: str) -> AttestationRecord | None: ...
+
+    # Policies.
+    def put_policy(self, name: str, document: dict[str, Any], digest: str, now_ms: int) -> PolicyRecord: ...
+    def get_policy(self, name: str, version: int | None = None) -> PolicyRecord: ...
+    def list_policies(self) -> list[PolicyRecord]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Stop a software TPM started by start.sh. Safe to call when it is not running.
+set -euo pipefail
+
+usage() { echo "usage: $0 --state TPM_DIR" >&2; exit 2; }
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
+state=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --state) [ $# -ge 2 ] || usage; state=$2; shift 2 ;;
+    -h|--help) usage ;;
+    *) echo "$0: unknown argument: $1" >&2; usage ;;
+  esac
+done
+[ -n "$state" ] || usage
+
+pidfile="$state/swtpm.pid"
+# Not running (or a stale pid file): nothing to do.
+swtpm_running "$pidfile" || { rm -f "$pidfile"; exit 0; }
+pid=$(cat "$pidfile")
+
+wait_gone() {  # $1 = tenths of a second
+  for _ in $(seq "$1"); do swtpm_running "$pidfile" || return 0; sleep 0.1; done
+  ! swtpm_running "$pidfile"
+}
+
+# Graceful shutdown first, so swtpm writes its state out cleanly.
+if [ -f "$state/port" ]; then
+  swtpm_ioctl --tcp "127.0.0.1:$(( $(cat "$state/port") + 1 ))" -s >/dev/null 2>&1 || true
+fi
+wait_gone 30 || { kill -TERM "$pid" 2>/dev/null || true; wait_gone 30; } \
+  || { kill -KILL "$pid" 2>/dev/null || true; wait_gone 20; } \
+  || die "swtpm (pid $pid) would not stop"
+rm -f "$pidfile"
