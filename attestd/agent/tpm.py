@@ -26,7 +26,7 @@ from tpm2_pytss.types import (
     TPMT_SIG_SCHEME,
     TPMT_SYM_DEF,
 )
-from tpm2_pytss.utils import NVReadEK, NoSuchIndex, create_ek_template
+from tpm2_pytss.utils import NoSuchIndex, NVReadEK, create_ek_template
 
 # Where the AK is kept between boots (TCG "Registry of reserved TPM 2.0
 # handles": 0x81010002 and up are for endorsement-hierarchy keys like AKs).
@@ -44,8 +44,12 @@ _AK_ATTRS = (
     | TPMA_OBJECT.USERWITHAUTH
 )
 _AK_TEMPLATES = {"rsa": "rsa2048:rsassa-sha256:null", "ecc": "ecc256:ecdsa-sha256:null"}
-_BANK_ALGS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384,
-              "sha512": TPM2_ALG.SHA512}
+_BANK_ALGS = {
+    "sha1": TPM2_ALG.SHA1,
+    "sha256": TPM2_ALG.SHA256,
+    "sha384": TPM2_ALG.SHA384,
+    "sha512": TPM2_ALG.SHA512,
+}
 
 
 class AgentError(Exception):
@@ -143,7 +147,10 @@ class DeviceTpm:
     # -- ActivateCredential -----------------------------------------------
 
     def activate(
-        self, credential_blob: bytes, encrypted_secret: bytes, ek_type: str = "rsa",
+        self,
+        credential_blob: bytes,
+        encrypted_secret: bytes,
+        ek_type: str = "rsa",
         ak_handle: int = DEFAULT_AK_HANDLE,
     ) -> bytes:
         """TPM2_ActivateCredential with the AK and the EK (EK auth: PolicySecret(endorsement))."""
@@ -155,8 +162,11 @@ class DeviceTpm:
         secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
         with self._ek(template) as (ek, _):
             session = self.ectx.start_auth_session(
-                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
-                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+                ESYS_TR.NONE,
+                ESYS_TR.NONE,
+                TPM2_SE.POLICY,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                TPM2_ALG.SHA256,
             )
             with self._transient(session):
                 self.ectx.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
@@ -171,7 +181,9 @@ class DeviceTpm:
     # -- Quote and PCRs --------------------------------------------------
 
     def quote(
-        self, selection: Sequence[tuple[str, Sequence[int]]], nonce: bytes,
+        self,
+        selection: Sequence[tuple[str, Sequence[int]]],
+        nonce: bytes,
         ak_handle: int = DEFAULT_AK_HANDLE,
     ) -> Quote:
         """Quote the selection over ``nonce`` with the AK, then read the quoted values."""
@@ -182,7 +194,9 @@ class DeviceTpm:
         attest, signature = self.ectx.quote(ak, sel, nonce, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
         return Quote(bytes(attest), bytes(signature.marshal()), self.read_pcrs(selection))
 
-    def read_pcrs(self, selection: Sequence[tuple[str, Sequence[int]]]) -> dict[str, dict[int, bytes]]:
+    def read_pcrs(
+        self, selection: Sequence[tuple[str, Sequence[int]]]
+    ) -> dict[str, dict[int, bytes]]:
         out: dict[str, dict[int, bytes]] = {}
         for bank, indices in selection:
             values: dict[int, bytes] = {}
@@ -206,7 +220,9 @@ def _selection(selection: Sequence[tuple[str, Sequence[int]]]) -> TPML_PCR_SELEC
         bitmap = bytearray(3)
         for i in indices:
             bitmap[i // 8] |= 1 << (i % 8)
-        entries.append(TPMS_PCR_SELECTION(hash=_BANK_ALGS[bank], sizeofSelect=3, pcrSelect=bytes(bitmap)))
+        entries.append(
+            TPMS_PCR_SELECTION(hash=_BANK_ALGS[bank], sizeofSelect=3, pcrSelect=bytes(bitmap))
+        )
     return TPML_PCR_SELECTION(entries)
 
 

@@ -41,7 +41,9 @@ def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     """RFC 7638 JWK thumbprint of a P-256 key."""
     jwk = public_jwk(public_key)
     members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
-    return b64url(hashlib.sha256(json.dumps(members, separators=(",", ":"), sort_keys=True).encode()).digest())
+    return b64url(
+        hashlib.sha256(json.dumps(members, separators=(",", ":"), sort_keys=True).encode()).digest()
+    )
 
 
 def public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
@@ -133,4 +135,6 @@ def decode_unverified(token: str) -> dict[str, Any]:
 
 
 def public_pem(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )

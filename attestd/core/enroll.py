@@ -43,10 +43,15 @@ TPM_MODEL_OID = x509.ObjectIdentifier("2.23.133.2.2")
 TPM_VERSION_OID = x509.ObjectIdentifier("2.23.133.2.3")
 
 AK_REQUIRED = (
-    ObjectAttr.RESTRICTED | ObjectAttr.SIGN | ObjectAttr.FIXED_TPM
-    | ObjectAttr.FIXED_PARENT | ObjectAttr.SENSITIVE_DATA_ORIGIN
+    ObjectAttr.RESTRICTED
+    | ObjectAttr.SIGN
+    | ObjectAttr.FIXED_TPM
+    | ObjectAttr.FIXED_PARENT
+    | ObjectAttr.SENSITIVE_DATA_ORIGIN
 )
-EK_REQUIRED = ObjectAttr.RESTRICTED | ObjectAttr.DECRYPT | ObjectAttr.FIXED_TPM | ObjectAttr.FIXED_PARENT
+EK_REQUIRED = (
+    ObjectAttr.RESTRICTED | ObjectAttr.DECRYPT | ObjectAttr.FIXED_TPM | ObjectAttr.FIXED_PARENT
+)
 AK_HASHES = frozenset({Alg.SHA256, Alg.SHA384, Alg.SHA512})
 
 
@@ -96,8 +101,9 @@ def verify_ek_chain(
 ) -> None:
     """Build and check the path leaf -> intermediates -> a trusted root at ``now``."""
     if not roots:
-        raise EnrollmentError("no trusted EK roots are configured", field="ek_certificate",
-                              code="EK_CHAIN_UNTRUSTED")
+        raise EnrollmentError(
+            "no trusted EK roots are configured", field="ek_certificate", code="EK_CHAIN_UNTRUSTED"
+        )
     verifier = (
         PolicyBuilder()
         .store(Store(list(roots)))
@@ -122,8 +128,11 @@ def verify_ek_chain(
     except x509.ExtensionNotFound:
         eku = None
     if eku is not None and EK_CERTIFICATE_EKU not in eku:
-        raise EnrollmentError("the certificate's extended key usage is not EK certificate",
-                              field="ek_certificate", code="EK_CERT_NOT_EK")
+        raise EnrollmentError(
+            "the certificate's extended key usage is not EK certificate",
+            field="ek_certificate",
+            code="EK_CERT_NOT_EK",
+        )
 
 
 def _same_key(cert_key: object, public: PublicArea) -> bool:
@@ -142,32 +151,44 @@ def _same_key(cert_key: object, public: PublicArea) -> bool:
 
 def check_ak(ak: PublicArea) -> None:
     """Refuse an AK that is not a TPM-bound restricted signing key of an accepted kind."""
-    missing = [a.name for a in ObjectAttr if a in AK_REQUIRED and not ak.has(a)]
+    missing = [str(a.name) for a in ObjectAttr if a in AK_REQUIRED and not ak.has(a)]
     if missing or ak.has(ObjectAttr.DECRYPT):
         what = f"missing {', '.join(n.lower() for n in missing)}" if missing else "decrypt is set"
         raise EnrollmentError(
             f"the AK must be a restricted signing key bound to the TPM ({what})",
-            field="ak_public", code="AK_ATTRIBUTES",
+            field="ak_public",
+            code="AK_ATTRIBUTES",
         )
     if ak.type == Alg.RSA:
         if ak.key_bits < 2048:
-            raise EnrollmentError(f"RSA AK of {ak.key_bits} bits; at least 2048 required",
-                                  field="ak_public", code="AK_ALGORITHM")
-        schemes = (Alg.RSASSA, Alg.RSAPSS, Alg.NULL)
+            raise EnrollmentError(
+                f"RSA AK of {ak.key_bits} bits; at least 2048 required",
+                field="ak_public",
+                code="AK_ALGORITHM",
+            )
+        schemes: tuple[Alg, ...] = (Alg.RSASSA, Alg.RSAPSS, Alg.NULL)
     else:
         if ak.curve not in (EccCurve.NIST_P256, EccCurve.NIST_P384):
-            raise EnrollmentError("ECC AK must be on NIST P-256 or P-384",
-                                  field="ak_public", code="AK_ALGORITHM")
+            raise EnrollmentError(
+                "ECC AK must be on NIST P-256 or P-384", field="ak_public", code="AK_ALGORITHM"
+            )
         schemes = (Alg.ECDSA, Alg.NULL)
     if ak.scheme not in schemes:
-        raise EnrollmentError(f"AK signing scheme {ak.scheme.name} is not accepted",
-                              field="ak_public", code="AK_ALGORITHM")
+        raise EnrollmentError(
+            f"AK signing scheme {ak.scheme.name} is not accepted",
+            field="ak_public",
+            code="AK_ALGORITHM",
+        )
     if ak.scheme_hash is not None and ak.scheme_hash not in AK_HASHES:
-        raise EnrollmentError(f"AK scheme hash {ak.scheme_hash.name} is not accepted",
-                              field="ak_public", code="AK_ALGORITHM")
+        raise EnrollmentError(
+            f"AK scheme hash {ak.scheme_hash.name} is not accepted",
+            field="ak_public",
+            code="AK_ALGORITHM",
+        )
     if ak.name_alg not in AK_HASHES:
-        raise EnrollmentError(f"AK nameAlg {ak.name_alg.name} is not accepted",
-                              field="ak_public", code="AK_ALGORITHM")
+        raise EnrollmentError(
+            f"AK nameAlg {ak.name_alg.name} is not accepted", field="ak_public", code="AK_ALGORITHM"
+        )
 
 
 def _san_attr(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
@@ -193,11 +214,14 @@ def verify_enrollment(
 ) -> EnrollmentFacts:
     """Run checks 1-3; raise MalformedError or EnrollmentError with a code, else the facts."""
     if len(ek_intermediates) > limits.max_intermediates:
-        raise MalformedError(f"more than {limits.max_intermediates} certificates",
-                             field="ek_intermediates")
+        raise MalformedError(
+            f"more than {limits.max_intermediates} certificates", field="ek_intermediates"
+        )
     leaf = load_certificate(ek_certificate, "ek_certificate", limits)
-    inters = [load_certificate(d, f"ek_intermediates[{i}]", limits)
-              for i, d in enumerate(ek_intermediates)]
+    inters = [
+        load_certificate(d, f"ek_intermediates[{i}]", limits)
+        for i, d in enumerate(ek_intermediates)
+    ]
     ek = parse_public(ek_public, "ek_public", limits)
     ak = parse_public(ak_public, "ak_public", limits)
     verify_ek_chain(leaf, [*inters, *known_intermediates], roots, now)
@@ -206,11 +230,17 @@ def verify_enrollment(
     except (ValueError, TypeError) as e:
         raise MalformedError(f"unusable public key ({e})", field="ek_certificate") from None
     if not _same_key(cert_key, ek):
-        raise EnrollmentError("the EK certificate is for another key than this EK",
-                              field="ek_public", code="EK_CERT_KEY_MISMATCH")
+        raise EnrollmentError(
+            "the EK certificate is for another key than this EK",
+            field="ek_public",
+            code="EK_CERT_KEY_MISMATCH",
+        )
     if (ek.attributes & EK_REQUIRED) != EK_REQUIRED or ek.has(ObjectAttr.SIGN):
-        raise EnrollmentError("the EK is not a restricted decryption key bound to the TPM",
-                              field="ek_public", code="EK_ATTRIBUTES")
+        raise EnrollmentError(
+            "the EK is not a restricted decryption key bound to the TPM",
+            field="ek_public",
+            code="EK_ATTRIBUTES",
+        )
     check_ak(ak)
     return EnrollmentFacts(
         device_id=device_id_for(ek.public_key),

@@ -105,7 +105,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             raise ServiceError(f"nonce: must be {NONCE_SIZE} bytes", "MALFORMED")
         limits = self.s.config.limits
         if len(request.event_log) > limits.max_event_log_size:
-            raise ServiceError("event_log: too large", "MALFORMED", grpc.StatusCode.RESOURCE_EXHAUSTED)
+            raise ServiceError(
+                "event_log: too large", "MALFORMED", grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
         banks: dict[str, dict[int, bytes]] = {}
         for bank in request.pcrs:
             if bank.bank in banks:
@@ -169,7 +171,9 @@ def _clock_dict(state: ClockState | None) -> dict[str, int] | None:
     }
 
 
-def _record(device_id: str, verdict: Verdict, appraisal: Appraisal, expires_ms: int) -> AttestationRecord:
+def _record(
+    device_id: str, verdict: Verdict, appraisal: Appraisal, expires_ms: int
+) -> AttestationRecord:
     attest = appraisal.evidence.attest
     return AttestationRecord(
         device_id=device_id,

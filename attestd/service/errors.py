@@ -35,7 +35,9 @@ class ServiceError(Exception):
             self.status = status
 
 
-_PERMISSION_CODES = frozenset({"EK_CHAIN_UNTRUSTED", "ACTIVATION_SECRET_MISMATCH", "DEVICE_EK_MISMATCH"})
+_PERMISSION_CODES = frozenset(
+    {"EK_CHAIN_UNTRUSTED", "ACTIVATION_SECRET_MISMATCH", "DEVICE_EK_MISMATCH"}
+)
 
 
 def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
@@ -74,7 +76,7 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Maps exceptions from unary handlers to a status plus ``attestd-code``."""
 
     async def intercept_service(

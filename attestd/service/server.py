@@ -19,8 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from attestd.service.attestation import AttestationService
 from attestd.service.config import (
     ServerConfig,
-    load_or_create_signing_key,
     load_certificates,
+    load_or_create_signing_key,
     prepare_data_dir,
 )
 from attestd.service.devices import DevicesService

@@ -8,6 +8,7 @@ challenge. Multi-row changes run in one transaction.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,32 +34,60 @@ T = TypeVar("T")
 _SCHEMA: dict[str, tuple[dict[str, Any], str | tuple[str, ...]]] = {
     "challenges": (
         {
-            "challenge_id": str, "device_id": str, "ek_fingerprint": str, "ek_public": bytes,
-            "ek_certificate": bytes, "ak_public": bytes, "secret_hash": bytes,
-            "expires_at_ms": int, "used_at_ms": int, "facts": str,
+            "challenge_id": str,
+            "device_id": str,
+            "ek_fingerprint": str,
+            "ek_public": bytes,
+            "ek_certificate": bytes,
+            "ak_public": bytes,
+            "secret_hash": bytes,
+            "expires_at_ms": int,
+            "used_at_ms": int,
+            "facts": str,
         },
         "challenge_id",
     ),
     "devices": (
         {
-            "device_id": str, "ek_fingerprint": str, "ek_public": bytes, "ek_certificate": bytes,
-            "ak_public": bytes, "ak_name": str, "enrolled_at_ms": int, "activated_at_ms": int,
-            "facts": str, "clock": str, "last_attestation_id": int,
+            "device_id": str,
+            "ek_fingerprint": str,
+            "ek_public": bytes,
+            "ek_certificate": bytes,
+            "ak_public": bytes,
+            "ak_name": str,
+            "enrolled_at_ms": int,
+            "activated_at_ms": int,
+            "facts": str,
+            "clock": str,
+            "last_attestation_id": int,
         },
         "device_id",
     ),
     "nonces": (
         {
-            "nonce_hash": bytes, "device_id": str, "expires_at_ms": int, "used_at_ms": int,
-            "policy_name": str, "policy_version": int,
+            "nonce_hash": bytes,
+            "device_id": str,
+            "expires_at_ms": int,
+            "used_at_ms": int,
+            "policy_name": str,
+            "policy_version": int,
         },
         "nonce_hash",
     ),
     "attestations": (
         {
-            "id": int, "device_id": str, "at_ms": int, "status": str, "failures": str,
-            "warnings": str, "trust_vector": str, "policy_name": str, "policy_version": int,
-            "clock": str, "pcrs": str, "credential_expires_at_ms": int,
+            "id": int,
+            "device_id": str,
+            "at_ms": int,
+            "status": str,
+            "failures": str,
+            "warnings": str,
+            "trust_vector": str,
+            "policy_name": str,
+            "policy_version": int,
+            "clock": str,
+            "pcrs": str,
+            "credential_expires_at_ms": int,
         },
         "id",
     ),
@@ -75,6 +104,8 @@ class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
+            # Created private before SQLite opens it; its -wal/-shm files inherit the mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             conn = sqlite3.connect(
                 str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False
             )
@@ -86,7 +117,7 @@ class SqliteStore:
                 self.db[table].create(columns, pk=pk, if_not_exists=True)  # type: ignore[union-attr]
             self.db["devices"].create_index(["ek_fingerprint"], unique=True, if_not_exists=True)  # type: ignore[union-attr]
             self.db["attestations"].create_index(["device_id", "id"], if_not_exists=True)  # type: ignore[union-attr]
-        except sqlite3.Error as e:
+        except (OSError, sqlite3.Error) as e:
             raise StoreUnavailable(f"cannot open the store at {self.path}: {e}") from None
 
     # -- plumbing --------------------------------------------------------
@@ -125,9 +156,17 @@ class SqliteStore:
                     "INSERT INTO challenges (challenge_id, device_id, ek_fingerprint, ek_public,"
                     " ek_certificate, ak_public, secret_hash, expires_at_ms, used_at_ms, facts)"
                     " VALUES (?,?,?,?,?,?,?,?,NULL,?)",
-                    (challenge.challenge_id, challenge.device_id, challenge.ek_fingerprint,
-                     challenge.ek_public, challenge.ek_certificate, challenge.ak_public,
-                     challenge.secret_hash, challenge.expires_at_ms, json.dumps(challenge.facts)),
+                    (
+                        challenge.challenge_id,
+                        challenge.device_id,
+                        challenge.ek_fingerprint,
+                        challenge.ek_public,
+                        challenge.ek_certificate,
+                        challenge.ak_public,
+                        challenge.secret_hash,
+                        challenge.expires_at_ms,
+                        json.dumps(challenge.facts),
+                    ),
                 )
 
         self._run(go)
@@ -143,10 +182,22 @@ class SqliteStore:
                     (now_ms, challenge_id, device_id, now_ms),
                 ).fetchone()
                 if row is not None:
-                    return Challenge(*row[:8], facts=json.loads(row[8]))
+                    return Challenge(
+                        challenge_id=row[0],
+                        device_id=row[1],
+                        ek_fingerprint=row[2],
+                        ek_public=row[3],
+                        ek_certificate=row[4],
+                        ak_public=row[5],
+                        secret_hash=row[6],
+                        expires_at_ms=row[7],
+                        facts=json.loads(row[8]),
+                    )
                 prior = c.execute(
                     "SELECT device_id, used_at_ms, expires_at_ms FROM challenges"
-                    " WHERE challenge_id = ?", (challenge_id,)).fetchone()
+                    " WHERE challenge_id = ?",
+                    (challenge_id,),
+                ).fetchone()
             if prior is None or prior[0] != device_id:
                 raise Rejected("no such enrollment challenge for this device", "CHALLENGE_UNKNOWN")
             if prior[1] is not None:
@@ -170,16 +221,30 @@ class SqliteStore:
                         "INSERT INTO devices (device_id, ek_fingerprint, ek_public, ek_certificate,"
                         " ak_public, ak_name, enrolled_at_ms, activated_at_ms, facts, clock,"
                         " last_attestation_id) VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL)",
-                        (challenge.device_id, challenge.ek_fingerprint, challenge.ek_public,
-                         challenge.ek_certificate, challenge.ak_public, ak_name, now_ms, now_ms,
-                         json.dumps(challenge.facts)),
+                        (
+                            challenge.device_id,
+                            challenge.ek_fingerprint,
+                            challenge.ek_public,
+                            challenge.ek_certificate,
+                            challenge.ak_public,
+                            ak_name,
+                            now_ms,
+                            now_ms,
+                            json.dumps(challenge.facts),
+                        ),
                     )
                 else:
                     c.execute(
                         "UPDATE devices SET ak_public = ?, ak_name = ?, activated_at_ms = ?,"
                         " ek_certificate = ?, facts = ? WHERE device_id = ?",
-                        (challenge.ak_public, ak_name, now_ms, challenge.ek_certificate,
-                         json.dumps(challenge.facts), challenge.device_id),
+                        (
+                            challenge.ak_public,
+                            ak_name,
+                            now_ms,
+                            challenge.ek_certificate,
+                            json.dumps(challenge.facts),
+                            challenge.device_id,
+                        ),
                     )
             return self.get_device(challenge.device_id)
 
@@ -190,12 +255,24 @@ class SqliteStore:
             row = self.db.execute(
                 "SELECT device_id, ek_fingerprint, ek_public, ek_certificate, ak_public, ak_name,"
                 " enrolled_at_ms, activated_at_ms, facts, clock, last_attestation_id"
-                " FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+                " FROM devices WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
             if row is None:
                 raise NotFound(f"unknown device {device_id!r}", "DEVICE_UNKNOWN")
-            return Device(*row[:8], facts=json.loads(row[8]),
-                          clock=json.loads(row[9]) if row[9] else None,
-                          last_attestation_id=row[10])
+            return Device(
+                device_id=row[0],
+                ek_fingerprint=row[1],
+                ek_public=row[2],
+                ek_certificate=row[3],
+                ak_public=row[4],
+                ak_name=row[5],
+                enrolled_at_ms=row[6],
+                activated_at_ms=row[7],
+                facts=json.loads(row[8]),
+                clock=json.loads(row[9]) if row[9] else None,
+                last_attestation_id=row[10],
+            )
 
         return self._run(go)
 
@@ -206,8 +283,13 @@ class SqliteStore:
             self.db.execute(
                 "INSERT INTO nonces (nonce_hash, device_id, expires_at_ms, used_at_ms,"
                 " policy_name, policy_version) VALUES (?,?,?,NULL,?,?)",
-                (nonce_hash, grant.device_id, grant.expires_at_ms, grant.policy_name,
-                 grant.policy_version),
+                (
+                    nonce_hash,
+                    grant.device_id,
+                    grant.expires_at_ms,
+                    grant.policy_name,
+                    grant.policy_version,
+                ),
             )
 
         self._run(go)
@@ -246,10 +328,19 @@ class SqliteStore:
                     "INSERT INTO attestations (device_id, at_ms, status, failures, warnings,"
                     " trust_vector, policy_name, policy_version, clock, pcrs,"
                     " credential_expires_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (record.device_id, record.at_ms, record.status, json.dumps(record.failures),
-                     json.dumps(record.warnings), json.dumps(record.trust_vector),
-                     record.policy_name, record.policy_version, json.dumps(record.clock),
-                     json.dumps(record.pcrs), record.credential_expires_at_ms),
+                    (
+                        record.device_id,
+                        record.at_ms,
+                        record.status,
+                        json.dumps(record.failures),
+                        json.dumps(record.warnings),
+                        json.dumps(record.trust_vector),
+                        record.policy_name,
+                        record.policy_version,
+                        json.dumps(record.clock),
+                        json.dumps(record.pcrs),
+                        record.credential_expires_at_ms,
+                    ),
                 )
                 att_id = int(cur.lastrowid or 0)
                 if accepted_clock is not None:
@@ -258,8 +349,10 @@ class SqliteStore:
                         (att_id, json.dumps(accepted_clock), record.device_id),
                     )
                 else:
-                    c.execute("UPDATE devices SET last_attestation_id = ? WHERE device_id = ?",
-                              (att_id, record.device_id))
+                    c.execute(
+                        "UPDATE devices SET last_attestation_id = ? WHERE device_id = ?",
+                        (att_id, record.device_id),
+                    )
                 return att_id
 
         return self._run(go)
@@ -269,15 +362,24 @@ class SqliteStore:
             row = self.db.execute(
                 "SELECT id, device_id, at_ms, status, failures, warnings, trust_vector,"
                 " policy_name, policy_version, clock, pcrs, credential_expires_at_ms"
-                " FROM attestations WHERE device_id = ? ORDER BY id DESC LIMIT 1", (device_id,)
+                " FROM attestations WHERE device_id = ? ORDER BY id DESC LIMIT 1",
+                (device_id,),
             ).fetchone()
             if row is None:
                 return None
             return AttestationRecord(
-                device_id=row[1], at_ms=row[2], status=row[3], failures=json.loads(row[4]),
-                warnings=json.loads(row[5]), trust_vector=json.loads(row[6]),
-                policy_name=row[7], policy_version=row[8], clock=json.loads(row[9]),
-                pcrs=json.loads(row[10]), credential_expires_at_ms=row[11], attestation_id=row[0],
+                device_id=row[1],
+                at_ms=row[2],
+                status=row[3],
+                failures=json.loads(row[4]),
+                warnings=json.loads(row[5]),
+                trust_vector=json.loads(row[6]),
+                policy_name=row[7],
+                policy_version=row[8],
+                clock=json.loads(row[9]),
+                pcrs=json.loads(row[10]),
+                credential_expires_at_ms=row[11],
+                attestation_id=row[0],
             )
 
         return self._run(go)
@@ -291,7 +393,9 @@ class SqliteStore:
             with self._tx() as c:
                 row = c.execute(
                     "SELECT version, digest, created_at_ms FROM policies WHERE name = ?"
-                    " ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+                    " ORDER BY version DESC LIMIT 1",
+                    (name,),
+                ).fetchone()
                 if row is not None and row[1] == digest:
                     # Publishing the same content again is a no-op, not a new version.
                     return PolicyRecord(name, row[0], document, digest, row[2])
@@ -310,11 +414,15 @@ class SqliteStore:
             if version is None:
                 row = self.db.execute(
                     "SELECT name, version, document, digest, created_at_ms FROM policies"
-                    " WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+                    " WHERE name = ? ORDER BY version DESC LIMIT 1",
+                    (name,),
+                ).fetchone()
             else:
                 row = self.db.execute(
                     "SELECT name, version, document, digest, created_at_ms FROM policies"
-                    " WHERE name = ? AND version = ?", (name, version)).fetchone()
+                    " WHERE name = ? AND version = ?",
+                    (name, version),
+                ).fetchone()
             if row is None:
                 what = name if version is None else f"{name}@{version}"
                 raise NotFound(f"no policy {what!r}", "POLICY_UNKNOWN")
@@ -327,7 +435,8 @@ class SqliteStore:
             rows = self.db.execute(
                 "SELECT p.name, p.version, p.document, p.digest, p.created_at_ms FROM policies p"
                 " JOIN (SELECT name, MAX(version) AS v FROM policies GROUP BY name) m"
-                " ON p.name = m.name AND p.version = m.v ORDER BY p.name").fetchall()
+                " ON p.name = m.name AND p.version = m.v ORDER BY p.name"
+            ).fetchall()
             return [PolicyRecord(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
 
         return self._run(go)

@@ -1,0 +1,497 @@
+"""The ``attestd`` and ``attestd-agent`` commands.
+
+Exit codes: 0 success (for attestations: affirming), 1 refused or invalid
+evidence (reasons printed), 2 unusable arguments, unreadable files or an
+unreachable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from attestd.core.ear import decode_unverified
+from attestd.core.errors import EvidenceError
+from attestd.core.quote import appraise_quote, parse_evidence
+from attestd.core.toolformats import load_ak, load_pcrs, load_quote_message
+from attestd.core.tpm import Bank, parse_attest
+from attestd.core.verdict import Verdict
+from attestd.service.errors import CODE_KEY
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+DEFAULT_SERVER = "127.0.0.1:50051"
+STATUS_NAMES = {0: "unspecified", 1: "none", 2: "affirming", 3: "warning", 4: "contraindicated"}
+
+
+class CliError(Exception):
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def _rpc_error(e: grpc.RpcError) -> CliError:
+    code = e.code() if isinstance(e, grpc.Call) else None
+    reason = ""
+    if isinstance(e, grpc.Call):
+        reason = dict(e.trailing_metadata() or ()).get(CODE_KEY, "")
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return CliError(f"server unreachable: {e.details() if isinstance(e, grpc.Call) else e}")
+    name = code.name if code else "ERROR"
+    details = e.details() if isinstance(e, grpc.Call) else str(e)
+    return CliError(f"refused: {name} {reason}: {details}", EXIT_INVALID)
+
+
+# --- attestd serve --------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from attestd.service.config import ConfigError, load_config
+    from attestd.service.server import serve
+
+    try:
+        config = load_config(
+            Path(args.config) if args.config else None,
+            {
+                "listen": args.listen,
+                "data_dir": args.data_dir,
+                "ek_roots": tuple(args.ek_root or ()),
+                "ek_intermediates": tuple(args.ek_intermediate or ()),
+                "nonce_ttl_s": args.nonce_ttl,
+                "credential_lifetime_s": args.credential_lifetime,
+                "default_policy": args.default_policy,
+            },
+        )
+        asyncio.run(serve(config))
+    except ConfigError as e:
+        raise CliError(f"configuration: {e}") from None
+    except OSError as e:
+        raise CliError(str(e)) from None
+    return EXIT_OK
+
+
+# --- attestd policy / device (over gRPC) ---------------------------------
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    return grpc.insecure_channel(args.server)
+
+
+def cmd_policy_put(args: argparse.Namespace) -> int:
+    from attestd.v1 import policy_pb2, policy_pb2_grpc
+
+    text = _read(args.file, "policy file").decode("utf-8", errors="replace")
+    with _channel(args) as ch:
+        info = policy_pb2_grpc.PolicyStub(ch).PutPolicy(policy_pb2.PutPolicyRequest(document=text))
+    print(f"published policy {info.name}@{info.version} (sha256 {info.digest[:16]}…)")
+    return EXIT_OK
+
+
+def cmd_policy_get(args: argparse.Namespace) -> int:
+    from attestd.v1 import policy_pb2, policy_pb2_grpc
+
+    with _channel(args) as ch:
+        doc = policy_pb2_grpc.PolicyStub(ch).GetPolicy(policy_pb2.GetPolicyRequest(name=args.name))
+    if args.json:
+        print(doc.document)
+    else:
+        print(f"# {doc.info.name}@{doc.info.version} sha256:{doc.info.digest}")
+        import yaml
+
+        print(yaml.safe_dump(json.loads(doc.document), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_policy_list(args: argparse.Namespace) -> int:
+    from attestd.v1 import policy_pb2, policy_pb2_grpc
+
+    with _channel(args) as ch:
+        resp = policy_pb2_grpc.PolicyStub(ch).ListPolicies(policy_pb2.ListPoliciesRequest())
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": p.name,
+                        "version": p.version,
+                        "digest": p.digest,
+                        "created_at_ms": p.created_at_ms,
+                    }
+                    for p in resp.policies
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    for p in resp.policies:
+        print(f"{p.name}@{p.version}\t{p.digest[:16]}")
+    return EXIT_OK
+
+
+def cmd_device_show(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from attestd.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+    with _channel(args) as ch:
+        info = enrollment_pb2_grpc.DevicesStub(ch).GetDevice(
+            enrollment_pb2.GetDeviceRequest(device_id=args.device_id)
+        )
+    if args.json:
+        print(json.dumps(MessageToDict(info, preserving_proto_field_name=True), indent=2))
+        return EXIT_OK
+    print(f"device      {info.device_id}")
+    print(f"TPM         {info.tpm_manufacturer} {info.tpm_model} {info.tpm_version}")
+    print(f"EK issuer   {info.ek_cert_issuer} serial {info.ek_cert_serial}")
+    print(f"AK name     {info.ak_name}")
+    if info.HasField("latest_verdict"):
+        v = info.latest_verdict
+        print(
+            f"verdict     {STATUS_NAMES[v.status].upper()} with {v.policy_name}@{v.policy_version}"
+        )
+        for f in v.failures:
+            print(f"  - {f.code} {f.subject}: {f.detail}")
+    else:
+        print("verdict     (no attestation yet)")
+    return EXIT_OK
+
+
+# --- attestd check-quote (offline, the pure core) -------------------------
+
+
+def cmd_check_quote(args: argparse.Namespace) -> int:
+    ak_bytes = _read(args.ak, "AK")
+    message = load_quote_message(_read(args.quote, "quote message"))
+    sig = _read(args.sig, "signature")
+    pcrs_bytes = _read(args.pcrs, "PCR file")
+    nonce = None
+    if args.nonce is not None:
+        try:
+            nonce = bytes.fromhex(args.nonce.removeprefix("0x"))
+        except ValueError:
+            raise CliError("--nonce must be hex") from None
+    required = None
+    if args.hash:
+        try:
+            required = Bank.parse(args.hash).alg
+        except ValueError as e:
+            raise CliError(f"--hash: {e}") from None
+    try:
+        ak = load_ak(ak_bytes, "ak")
+        attest = parse_attest(message, "quote")
+        pcrs = load_pcrs(pcrs_bytes, attest.pcr_select, "pcrs")
+        evidence = parse_evidence(message, sig, pcrs)
+    except EvidenceError as e:
+        return _report_invalid(args, str(e), getattr(e, "code", "MALFORMED"))
+    appraisal = appraise_quote(
+        evidence,
+        ak,
+        nonce=nonce,
+        policy=None,
+        previous=None,
+        now_ms=0,
+        allow_sha1=args.allow_sha1,
+        required_hash=required,
+    )
+    verdict = appraisal.verdict
+    ok = not verdict.failures
+    if args.json:
+        print(
+            json.dumps(
+                _verdict_json(verdict)
+                | {
+                    "valid": ok,
+                    "clock": {
+                        "clock": attest.clock_info.clock,
+                        "reset_count": attest.clock_info.reset_count,
+                        "restart_count": attest.clock_info.restart_count,
+                        "safe": attest.clock_info.safe,
+                        "firmware_version": attest.firmware_version,
+                    },
+                },
+                indent=2,
+            )
+        )
+    else:
+        print("quote valid" if ok else "quote INVALID")
+        _print_findings(verdict)
+    return EXIT_OK if ok else EXIT_INVALID
+
+
+def _report_invalid(args: argparse.Namespace, message: str, code: str) -> int:
+    if args.json:
+        print(
+            json.dumps({"valid": False, "failures": [{"code": code, "detail": message}]}, indent=2)
+        )
+    else:
+        print(f"quote INVALID\n  - {code}: {message}")
+    return EXIT_INVALID
+
+
+def _verdict_json(v: Verdict) -> dict[str, Any]:
+    return {
+        "status": v.status.value,
+        "trustworthiness_vector": v.trust_vector.as_ear(),
+        "failures": [f.as_dict() for f in v.failures],
+        "warnings": [f.as_dict() for f in v.warnings],
+    }
+
+
+def _print_findings(v: Verdict) -> None:
+    for f in v.failures:
+        line = f"  - {f.code.value} {f.subject}: {f.detail}"
+        if f.expected or f.got:
+            line += f"\n      expected {f.expected}\n      got      {f.got}"
+        print(line)
+    for w in v.warnings:
+        print(f"  ! {w.code.value} {w.subject}: {w.detail}")
+
+
+# --- attestd-agent --------------------------------------------------------
+
+
+def _agent(args: argparse.Namespace) -> Any:
+    from attestd.agent.client import Agent, AgentConfig
+
+    return Agent(
+        AgentConfig(
+            server=args.server,
+            tcti=args.tcti,
+            state_dir=Path(args.state_dir),
+            ak_handle=int(args.ak_handle, 0),
+            ek_type=args.ek_type,
+        )
+    )
+
+
+def cmd_agent_enroll(args: argparse.Namespace) -> int:
+    inters = [_read(p, "intermediate certificate") for p in args.ek_intermediate or ()]
+    agent = _agent(args)
+    try:
+        done = agent.enroll(new_ak=args.new_ak, ak_alg=args.ak_alg, intermediates=inters)
+    finally:
+        agent.close()
+    if args.json:
+        print(json.dumps({"device_id": done.device_id, "ak_name": done.ak_name}))
+    else:
+        print(f"enrolled {done.device_id} (AK name {done.ak_name[:20]}…)")
+    return EXIT_OK
+
+
+def cmd_agent_attest(args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    event_log = _read(args.event_log, "event log") if args.event_log else b""
+    agent = _agent(args)
+    try:
+        resp = agent.attest(event_log)
+    finally:
+        agent.close()
+    v = resp.verdict
+    if args.credential_out and resp.credential:
+        from attestd.agent.client import write_private
+
+        write_private(Path(args.credential_out), resp.credential.encode())
+    if args.json:
+        out = MessageToDict(resp, preserving_proto_field_name=True)
+        if resp.credential:
+            out["credential_claims"] = decode_unverified(resp.credential)
+        print(json.dumps(out, indent=2))
+    else:
+        print(
+            f"verdict: {STATUS_NAMES[v.status].upper()} (policy {v.policy_name}@{v.policy_version})"
+        )
+        for f in v.failures:
+            print(f"  - {f.code} {f.subject}: {f.detail}")
+            if f.expected or f.got:
+                print(f"      expected {f.expected}\n      got      {f.got}")
+        for w in v.warnings:
+            print(f"  ! {w.code} {w.subject}: {w.detail}")
+        if resp.credential:
+            where = args.credential_out or str(Path(args.state_dir) / "credential.jwt")
+            print(f"credential saved to {where}")
+        else:
+            print("no credential issued")
+    return EXIT_OK if v.status == 2 else EXIT_INVALID
+
+
+def parse_selection(text: str) -> list[tuple[str, list[int]]]:
+    """``sha256:0,1,2,7+sha1:0-7`` -> [(bank, indices)]."""
+    out: list[tuple[str, list[int]]] = []
+    for part in text.split("+"):
+        bank, _, idx = part.partition(":")
+        try:
+            Bank.parse(bank)
+            indices: list[int] = []
+            for item in idx.split(","):
+                lo, _, hi = item.partition("-")
+                indices.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError as e:
+            raise CliError(f"--pcrs {text!r}: {e}") from None
+        if not indices or any(not 0 <= i < 24 for i in indices):
+            raise CliError(f"--pcrs {text!r}: indices must be 0-23")
+        out.append((bank.lower(), sorted(set(indices))))
+    return out
+
+
+def cmd_agent_capture(args: argparse.Namespace) -> int:
+    import yaml
+
+    from attestd.agent.client import capture_policy
+
+    doc = capture_policy(args.tcti, args.name, parse_selection(args.pcrs))
+    text = yaml.safe_dump(doc, sort_keys=False)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"policy {args.name} written to {args.output}")
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
+# --- argument parsing -----------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attestd", description="TPM 2.0 attestation verifier")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC server")
+    s.add_argument("--config", help="YAML configuration file")
+    s.add_argument("--listen", help=f"address to listen on (default {DEFAULT_SERVER})")
+    s.add_argument("--data-dir", help="directory for the store and keys (default ./attestd-data)")
+    s.add_argument("--ek-root", action="append", help="trusted EK root CA (PEM); repeatable")
+    s.add_argument(
+        "--ek-intermediate", action="append", help="EK intermediate CA (PEM); repeatable"
+    )
+    s.add_argument("--nonce-ttl", type=int, help="nonce lifetime in seconds (default 60)")
+    s.add_argument("--credential-lifetime", type=int, help="credential lifetime in seconds (3600)")
+    s.add_argument("--default-policy", help="policy for devices with none assigned ('default')")
+    s.set_defaults(func=cmd_serve)
+
+    pol = sub.add_parser("policy", help="reference-value policies").add_subparsers(
+        dest="policy_command", required=True
+    )
+    for name, func, helptext in (
+        ("put", cmd_policy_put, "publish a policy file (YAML or JSON)"),
+        ("get", cmd_policy_get, "show a policy (NAME or NAME@VERSION)"),
+        ("list", cmd_policy_list, "list policies"),
+    ):
+        c = pol.add_parser(name, help=helptext)
+        c.add_argument("--server", default=DEFAULT_SERVER)
+        c.add_argument("--json", action="store_true")
+        if name == "put":
+            c.add_argument("file")
+        elif name == "get":
+            c.add_argument("name")
+        c.set_defaults(func=func)
+
+    dev = sub.add_parser("device", help="enrolled devices").add_subparsers(
+        dest="device_command", required=True
+    )
+    c = dev.add_parser("show", help="a device and its latest verdict")
+    c.add_argument("device_id")
+    c.add_argument("--server", default=DEFAULT_SERVER)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_device_show)
+
+    c = sub.add_parser("check-quote", help="verify a TPM2 quote offline")
+    c.add_argument("--ak", required=True, help="AK: PEM, TPM2B_PUBLIC or TPMT_PUBLIC")
+    c.add_argument("--quote", required=True, help="quote message (tpm2_quote -m)")
+    c.add_argument("--sig", required=True, help="signature (tpm2_quote -s)")
+    c.add_argument("--pcrs", required=True, help="PCR values (tpm2_quote -o, or tpm2_pcrread YAML)")
+    c.add_argument("--nonce", help="expected qualifying data, hex")
+    c.add_argument("--hash", help="required signature hash algorithm (sha256, …)")
+    c.add_argument("--allow-sha1", action="store_true", help="accept SHA-1 signatures")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_check_quote)
+    return p
+
+
+def build_agent_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attestd-agent", description="attestd device agent")
+    p.add_argument("--server", default=DEFAULT_SERVER, help="attestd address")
+    p.add_argument(
+        "--tcti",
+        default="device:/dev/tpmrm0",
+        help="TPM TCTI, e.g. swtpm:host=127.0.0.1,port=2321 (default device:/dev/tpmrm0)",
+    )
+    p.add_argument(
+        "--state-dir", default="/var/lib/attestd-agent", help="where the agent keeps state"
+    )
+    p.add_argument("--ak-handle", default=hex(0x81010002), help="persistent handle of the AK")
+    p.add_argument("--ek-type", default="rsa", choices=("rsa", "ecc"), help="which EK to use")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("enroll", help="enroll this TPM with attestd")
+    c.add_argument("--new-ak", action="store_true", help="create a new AK even if one exists")
+    c.add_argument("--ak-alg", default="rsa", choices=("rsa", "ecc"))
+    c.add_argument("--ek-intermediate", action="append", help="EK intermediate CA (DER) to send")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_agent_enroll)
+    c = sub.add_parser("attest", help="attest this boot and save the credential")
+    c.add_argument("--event-log", help="boot event log to send")
+    c.add_argument("--credential-out", help="also write the credential here")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_agent_attest)
+    c = sub.add_parser("capture", help="write a policy from this device's current PCRs")
+    c.add_argument("--name", required=True)
+    c.add_argument("--pcrs", default="sha256:0-9", help="selection, e.g. sha256:0-7,9+sha1:0")
+    c.add_argument("--output", help="file to write (default: stdout)")
+    c.set_defaults(func=cmd_agent_capture)
+    return p
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return e.exit_code
+    except grpc.RpcError as e:
+        err = _rpc_error(e)
+        print(f"{parser.prog}: {err}", file=sys.stderr)
+        return err.exit_code
+    except EvidenceError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as e:  # the agent's TPM errors and the like: a message, not a traceback
+        from attestd.agent.tpm import AgentError
+
+        if isinstance(e, AgentError):
+            print(f"{parser.prog}: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def agent_main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_agent_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
