@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from tpm2_pytss.constants import ESYS_TR
 
 from attestd.agent.tpm import DEFAULT_AK_HANDLE, AgentError, DeviceTpm
 from attestd.v1 import (
@@ -72,24 +73,45 @@ class Agent:
         stub = enrollment_pb2_grpc.EnrollmentStub(self.channel)
         with DeviceTpm(self.c.tcti) as tpm:
             cert, ek_public = tpm.endorsement(self.c.ek_type)
-            ak_public = None if new_ak else tpm.ak_public(self.c.ak_handle)
-            if ak_public is None:
-                ak_public = tpm.create_ak(ak_alg, self.c.ak_handle)
-            challenge = stub.Enroll(
-                enrollment_pb2.EnrollRequest(
-                    ek_certificate=cert,
-                    ek_public=ek_public,
-                    ak_public=ak_public,
-                    ek_intermediates=list(intermediates),
-                ),
-                timeout=self.c.timeout_s,
-            )
-            secret = tpm.activate(
-                challenge.credential_blob,
-                challenge.encrypted_secret,
-                self.c.ek_type,
-                self.c.ak_handle,
-            )
+            existing = None if new_ak else tpm.ak_public(self.c.ak_handle)
+            if existing is not None:
+                return self._enroll_with(
+                    stub,
+                    tpm,
+                    cert,
+                    ek_public,
+                    existing,
+                    tpm.persistent_ak(self.c.ak_handle),
+                    intermediates,
+                )
+            with tpm.new_ak(ak_alg) as (ak, ak_public):
+                done = self._enroll_with(stub, tpm, cert, ek_public, ak_public, ak, intermediates)
+                # Only now, with the server holding the new AK, replace the old one.
+                tpm.persist_ak(ak, self.c.ak_handle)
+                return done
+
+    def _enroll_with(
+        self,
+        stub: enrollment_pb2_grpc.EnrollmentStub,
+        tpm: DeviceTpm,
+        cert: bytes,
+        ek_public: bytes,
+        ak_public: bytes,
+        ak: ESYS_TR,
+        intermediates: Sequence[bytes],
+    ) -> enrollment_pb2.ActivateResponse:
+        challenge = stub.Enroll(
+            enrollment_pb2.EnrollRequest(
+                ek_certificate=cert,
+                ek_public=ek_public,
+                ak_public=ak_public,
+                ek_intermediates=list(intermediates),
+            ),
+            timeout=self.c.timeout_s,
+        )
+        secret = tpm.activate(
+            challenge.credential_blob, challenge.encrypted_secret, self.c.ek_type, ak=ak
+        )
         done: enrollment_pb2.ActivateResponse = stub.Activate(
             enrollment_pb2.ActivateRequest(
                 device_id=challenge.device_id, challenge_id=challenge.challenge_id, secret=secret

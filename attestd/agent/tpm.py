@@ -123,26 +123,43 @@ class DeviceTpm:
         except TSS2_Exception:
             return None
 
-    def create_ak(self, alg: str = "rsa", handle: int = DEFAULT_AK_HANDLE) -> bytes:
-        """Create a fresh AK in the endorsement hierarchy and persist it at ``handle``.
+    @contextmanager
+    def new_ak(self, alg: str = "rsa") -> Iterator[tuple[ESYS_TR, bytes]]:
+        """A fresh transient AK in the endorsement hierarchy: (handle, TPM2B_PUBLIC).
 
         A random ``unique`` makes the primary key new each time, so re-enrolling
-        with a new AK really yields a different key.
+        really yields a different key. It stays transient (and is flushed) until
+        ``persist_ak``: an enrollment that fails leaves the old AK in place.
         """
         tmpl = TPMT_PUBLIC.parse(alg=_AK_TEMPLATES[alg], objectAttributes=_AK_ATTRS)
         if alg == "rsa":
             tmpl.unique.rsa = secrets.token_bytes(32)
         else:
             tmpl.unique.ecc.x = secrets.token_bytes(32)
-        old = self._persistent(handle)
-        if old is not None:
-            self.ectx.evict_control(ESYS_TR.OWNER, old, handle)
         tr, public, _, _, _ = self.ectx.create_primary(
             TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=tmpl), ESYS_TR.ENDORSEMENT
         )
         with self._transient(tr):
-            self.ectx.evict_control(ESYS_TR.OWNER, tr, handle)
-        return bytes(public.marshal())
+            yield tr, bytes(public.marshal())
+
+    def create_ak(self, alg: str = "rsa", handle: int = DEFAULT_AK_HANDLE) -> bytes:
+        """Create a new AK and persist it at ``handle`` at once; returns its TPM2B_PUBLIC."""
+        with self.new_ak(alg) as (tr, public):
+            self.persist_ak(tr, handle)
+        return public
+
+    def persist_ak(self, tr: ESYS_TR, handle: int = DEFAULT_AK_HANDLE) -> None:
+        """Make ``tr`` the AK kept at ``handle``, replacing any previous one."""
+        old = self._persistent(handle)
+        if old is not None:
+            self.ectx.evict_control(ESYS_TR.OWNER, old, handle)
+        self.ectx.evict_control(ESYS_TR.OWNER, tr, handle)
+
+    def persistent_ak(self, handle: int = DEFAULT_AK_HANDLE) -> ESYS_TR:
+        tr = self._persistent(handle)
+        if tr is None:
+            raise AgentError(f"no AK at handle 0x{handle:08x}; enroll first")
+        return tr
 
     # -- ActivateCredential -----------------------------------------------
 
@@ -152,12 +169,15 @@ class DeviceTpm:
         encrypted_secret: bytes,
         ek_type: str = "rsa",
         ak_handle: int = DEFAULT_AK_HANDLE,
+        ak: ESYS_TR | None = None,
     ) -> bytes:
-        """TPM2_ActivateCredential with the AK and the EK (EK auth: PolicySecret(endorsement))."""
+        """TPM2_ActivateCredential with the AK (``ak``, else the persisted one) and the EK.
+
+        The EK's authorization is its policy, PolicySecret(TPM_RH_ENDORSEMENT).
+        """
         _, template = create_ek_template(EK_TYPES[ek_type], NVReadEK(self.ectx))
-        ak = self._persistent(ak_handle)
         if ak is None:
-            raise AgentError(f"no AK at handle 0x{ak_handle:08x}; enroll first")
+            ak = self.persistent_ak(ak_handle)
         blob, _ = TPM2B_ID_OBJECT.unmarshal(credential_blob)
         secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
         with self._ek(template) as (ek, _):
@@ -187,9 +207,7 @@ class DeviceTpm:
         ak_handle: int = DEFAULT_AK_HANDLE,
     ) -> Quote:
         """Quote the selection over ``nonce`` with the AK, then read the quoted values."""
-        ak = self._persistent(ak_handle)
-        if ak is None:
-            raise AgentError(f"no AK at handle 0x{ak_handle:08x}; enroll first")
+        ak = self.persistent_ak(ak_handle)
         sel = _selection(selection)
         attest, signature = self.ectx.quote(ak, sel, nonce, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
         return Quote(bytes(attest), bytes(signature.marshal()), self.read_pcrs(selection))
