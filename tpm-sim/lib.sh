@@ -11,3 +11,16 @@ swtpm_running() {
   st=$(ps -o stat=,comm= -p "$pid" 2>/dev/null) || return 1
   [[ $st != Z* && $st == *swtpm ]]
 }
+
+# Parse the only argument of stop.sh and powercycle.sh: --state TPM_DIR (sets $state).
+parse_state_only() {
+  state=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --state) [ $# -ge 2 ] || usage; state=$2; shift 2 ;;
+      -h|--help) usage ;;
+      *) echo "$0: unknown argument: $1" >&2; usage ;;
+    esac
+  done
+  [ -n "$state" ] || usage
+}

@@ -6,15 +6,7 @@ usage() { echo "usage: $0 --state TPM_DIR" >&2; exit 2; }
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 
-state=""
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --state) [ $# -ge 2 ] || usage; state=$2; shift 2 ;;
-    -h|--help) usage ;;
-    *) echo "$0: unknown argument: $1" >&2; usage ;;
-  esac
-done
-[ -n "$state" ] || usage
+parse_state_only "$@"
 
 pidfile="$state/swtpm.pid"
 # Not running (or a stale pid file): nothing to do.

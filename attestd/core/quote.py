@@ -357,8 +357,9 @@ def appraise_quote(
     if policy is not None and values_trusted:
         for bank, refs in sorted(policy.pcrs.items(), key=lambda kv: kv[0].alg.value):
             for index, allowed in sorted(refs.items()):
-                got = evidence.pcrs[bank][index]
-                if got in allowed:
+                got = evidence.pcrs.get(bank, {}).get(index)
+                if got is None or got in allowed:
+                    # Unquoted PCRs were already reported as a selection mismatch.
                     continue
                 failures.append(
                     Failure(
