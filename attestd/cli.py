@@ -107,7 +107,7 @@ def cmd_policy_get(args: argparse.Namespace) -> int:
     with _channel(args) as ch:
         doc = policy_pb2_grpc.PolicyStub(ch).GetPolicy(policy_pb2.GetPolicyRequest(name=args.name))
     if args.json:
-        print(doc.document)
+        print(json.dumps(json.loads(doc.document), indent=2, sort_keys=True))
     else:
         print(f"# {doc.info.name}@{doc.info.version} sha256:{doc.info.digest}")
         import yaml

@@ -23,4 +23,5 @@ parse_state_only() {
     esac
   done
   [ -n "$state" ] || usage
+  state=$(realpath -m -- "$state")  # swtpm needs absolute paths
 }

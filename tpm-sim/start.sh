@@ -17,6 +17,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$state" ] && [ -n "$port" ] || usage
+state=$(realpath -m -- "$state")  # swtpm needs absolute paths
 [[ "$port" =~ ^[0-9]+$ ]] && [ "$port" -ge 1 ] && [ "$port" -le 65534 ] \
   || die "port must be 1..65534 (PORT+1 is the control port): $port"
 [ -d "$state" ] || die "no TPM state directory: $state (run manufacture.sh first)"

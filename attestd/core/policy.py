@@ -111,6 +111,8 @@ def policy_from_document(doc: object, limits: Limits = DEFAULT_LIMITS) -> Policy
             bank = Bank.parse(str(bank_name))
         except ValueError as e:
             raise PolicyError(str(e), field=where) from None
+        if bank in pcrs:
+            raise PolicyError("bank listed twice", field=where)
         if bank is Bank.SHA1 and not allow_sha1:
             raise PolicyError("the SHA-1 bank needs 'allow_sha1: true'", field=where)
         if not isinstance(entries, dict) or not entries:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -273,7 +273,8 @@ def appraise_quote(
         if bad is not None:
             failures.append(bad)
     if failures:
-        tv = tv.worse(instance_identity=v.CRYPTO_VALIDATION_FAILED)
+        # Nothing past the signature was judged, so only identity carries a claim.
+        tv = TrustVector(instance_identity=v.CRYPTO_VALIDATION_FAILED)
         return _done(evidence, tv, failures, warnings, policy, now_ms)
 
     # 3. Freshness.
@@ -352,6 +353,9 @@ def appraise_quote(
                 )
     if not values_trusted or failures:
         tv = tv.worse(instance_identity=v.UNTRUSTWORTHY_INSTANCE)
+    if not values_trusted:
+        # Unverified values say nothing about configuration or code.
+        tv = replace(tv, configuration=v.NO_CLAIM, executables=v.NO_CLAIM)
 
     # 5. Reference values (only over values the signature vouches for).
     if policy is not None and values_trusted:
@@ -373,7 +377,7 @@ def appraise_quote(
                 if index in CONFIG_PCRS:
                     tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
                 else:
-                    tv = tv.worse(executables=v.CONTRAINDICATED_RUNTIME)
+                    tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
 
     # 6. Clock and firmware against the last accepted quote.
     ci = attest.clock_info

@@ -532,6 +532,8 @@ def pcr_digest(
     """
     h = hashlib.new(_HASHLIB_NAME[Alg(hash_alg)])
     for alg, indices in selection:
+        if not indices:
+            continue  # an empty entry contributes nothing (and may name an unsent bank)
         bank = values[alg]
         for i in sorted(indices):
             h.update(bank[i])

@@ -106,7 +106,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         limits = self.s.config.limits
         if len(request.event_log) > limits.max_event_log_size:
             raise ServiceError(
-                "event_log: too large", "MALFORMED", grpc.StatusCode.RESOURCE_EXHAUSTED
+                f"event_log: larger than {limits.max_event_log_size} bytes",
+                "EVENT_LOG_TOO_LARGE",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
         banks: dict[str, dict[int, bytes]] = {}
         for bank in request.pcrs:

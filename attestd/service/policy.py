@@ -57,7 +57,8 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
         name, version = parse_ref(request.name)
         record = await self.s.store(self.s.store.store.get_policy, name, version)
         return policy_pb2.PolicyDocument(
-            info=_info(record), document=json.dumps(record.document, indent=2, sort_keys=True)
+            info=_info(record),
+            document=json.dumps(record.document, sort_keys=True, separators=(",", ":")),
         )
 
     async def ListPolicies(

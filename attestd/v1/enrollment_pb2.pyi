@@ -120,7 +120,7 @@ class ActivateResponse(_message.Message):
     AK_NAME_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     ak_name: _builtins.str
-    """Hex SHA-256 of the enrolled AK's Name."""
+    """The enrolled AK's Name (nameAlg || digest of its public area), hex."""
     def __init__(
         self,
         *,

@@ -73,6 +73,7 @@ class GetPolicyRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """NAME (the latest version) or NAME@VERSION."""
     def __init__(
         self,
         *,
@@ -93,7 +94,7 @@ class PolicyDocument(_message.Message):
     INFO_FIELD_NUMBER: _builtins.int
     DOCUMENT_FIELD_NUMBER: _builtins.int
     document: _builtins.str
-    """Canonical JSON form of the policy."""
+    """Canonical JSON form of the policy (sorted keys, no spaces): its SHA-256 is info.digest."""
     @_builtins.property
     def info(self) -> Global___PolicyInfo: ...
     def __init__(
