@@ -18,8 +18,11 @@ wait_gone() {  # $1 = tenths of a second
   ! swtpm_running "$pidfile"
 }
 
-# Graceful shutdown first, so swtpm writes its state out cleanly.
+# Graceful shutdown first, as an orderly power-down would do it: TPM2_Shutdown(CLEAR)
+# (so the next quote's clockInfo.safe stays 1), then swtpm writes its state out.
 if [ -f "$state/port" ]; then
+  TSS2_LOG=${TSS2_LOG:-all+none} tpm2_shutdown -c -T "swtpm:host=127.0.0.1,port=$(cat "$state/port")" \
+    >/dev/null 2>&1 || true
   swtpm_ioctl --tcp "127.0.0.1:$(( $(cat "$state/port") + 1 ))" -s >/dev/null 2>&1 || true
 fi
 wait_gone 30 || { kill -TERM "$pid" 2>/dev/null || true; wait_gone 30; } \

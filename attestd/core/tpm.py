@@ -223,6 +223,7 @@ class Reader:
             raise self.fail(f"{self.remaining} trailing bytes after the structure")
 
 
+_ALG_VALUES = frozenset(a.value for a in Alg)
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -301,8 +302,16 @@ def parse_public(data: bytes, field: str = "public", limits: Limits = DEFAULT_LI
         raise MalformedError(
             f"{len(data)} bytes exceeds the limit of {limits.max_public_size}", field=field
         )
-    if len(data) >= 2 and int.from_bytes(data[:2], "big") == len(data) - 2:
+    declared = int.from_bytes(data[:2], "big") if len(data) >= 2 else -1
+    if declared == len(data) - 2:
         data = data[2:]
+    elif declared not in _ALG_VALUES:
+        # No algorithm has that id, so not a TPMT_PUBLIC: a TPM2B_PUBLIC whose size is off.
+        raise MalformedError(
+            f"TPM2B_PUBLIC declares {declared} bytes but {max(len(data) - 2, 0)} follow",
+            field=field,
+            offset=0,
+        )
     r = Reader(data, field, limits)
     obj_type = _read_alg(r, "type")
     name_alg = _read_alg(r, "nameAlg")

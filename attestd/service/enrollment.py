@@ -69,8 +69,10 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
     async def Activate(
         self, request: enrollment_pb2.ActivateRequest, context: grpc.aio.ServicerContext
     ) -> enrollment_pb2.ActivateResponse:
-        if not request.device_id or not request.challenge_id:
-            raise ServiceError("device_id and challenge_id are required", "MALFORMED")
+        if not request.device_id:
+            raise ServiceError("device_id: required", "MALFORMED")
+        if not request.challenge_id:
+            raise ServiceError("challenge_id: required", "MALFORMED")
         if len(request.secret) > 64:
             raise ServiceError("secret: longer than any credential attestd issues", "MALFORMED")
         store = self.s.store.store

@@ -13,16 +13,22 @@ travel in time, get their own.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import BOOT_SELECTION, Device, ServerThread, rpc_code
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import (
@@ -101,6 +107,28 @@ def rig(manufacturer: Manufacturer, tmp_path_factory: pytest.TempPathFactory) ->
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def ecc_dev(
+    rig: Rig, manufacturer: Manufacturer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Device]:
+    """A third device on the rig's server, with an ECDSA P-256 AK (same golden boot)."""
+    where = tmp_path_factory.mktemp("rejections-ecc")
+    tpm = manufacturer.make_tpm(where / "tpm")
+    agent = None
+    try:
+        tpm.start()
+        tpm.boot()
+        agent = Agent(
+            AgentConfig(server=rig.server.address, tcti=tpm.tcti, state_dir=where / "agent")
+        )
+        agent.enroll(ak_alg="ecc")
+        yield Device(tpm, agent, rig.server, where / "agent")
+    finally:
+        if agent is not None:
+            agent.close()
+        tpm.stop()
+
+
 # -- evidence by hand ----------------------------------------------------------
 
 
@@ -172,7 +200,7 @@ def rpc_error(call: Callable[[], object]) -> tuple[grpc.StatusCode, str, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
     status, code = rpc_code(info.value)
-    return status, code, info.value.details() or ""  # type: ignore[attr-defined]
+    return status, code, info.value.details() or ""
 
 
 def flip(data: bytes, offset: int) -> bytes:
@@ -187,9 +215,11 @@ def clock_info_offset(attest_bytes: bytes) -> int:
     return extra_at + 2 + extra
 
 
-def create_transient(t: DeviceTpm, alg: str, attrs: TPMA_OBJECT) -> tuple[ESYS_TR, bytes]:
-    """A primary key under the endorsement hierarchy: (handle, TPM2B_PUBLIC bytes). Flush it."""
-    tmpl = TPMT_PUBLIC.parse(alg=alg, objectAttributes=attrs)
+def create_transient(
+    t: DeviceTpm, alg: str, attrs: TPMA_OBJECT, name_alg: str = "sha256"
+) -> tuple[ESYS_TR, bytes]:
+    """A primary RSA key under the endorsement hierarchy: (handle, TPM2B_PUBLIC). Flush it."""
+    tmpl = TPMT_PUBLIC.parse(alg=alg, objectAttributes=attrs, nameAlg=name_alg)
     tmpl.unique.rsa = secrets.token_bytes(32)  # a new key, not a re-derived one
     handle, public, _, _, _ = t.ectx.create_primary(
         TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(publicArea=tmpl), ESYS_TR.ENDORSEMENT
@@ -219,6 +249,12 @@ def enroll_request(t: DeviceTpm, ak_public: bytes) -> enrollment_pb2.EnrollReque
     )
 
 
+def enrolled_ak_public(t: DeviceTpm) -> bytes:
+    ak = t.ak_public()
+    assert ak is not None
+    return ak
+
+
 def challenge_for(server: ServerThread, tpm: SimTpm) -> tuple[enrollment_pb2.EnrollResponse, bytes]:
     """Enroll by hand: a new AK, the server's challenge, and the secret the TPM recovers."""
     with DeviceTpm(tpm.tcti) as t:
@@ -240,6 +276,23 @@ def activate(
 
 
 # -- the nonce: issued here, for this device, unexpired, used once ----------------
+
+
+def test_one_nonce_used_concurrently_affirms_once(rig: Rig) -> None:
+    grant = grant_for(rig.server, rig.dev.device_id)
+    q = quote_on(rig.dev.tpm, selection_of(grant), grant.nonce)
+    request = attest_request(rig.dev.device_id, grant.nonce, q)
+
+    def one() -> str:
+        try:
+            response = attest(rig.server, request)
+        except grpc.RpcError as e:
+            return rpc_code(e)[1]
+        return "affirmed" if response.verdict.status == AFFIRMING else "refused"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(lambda _: one(), range(8)))
+    assert outcomes == ["NONCE_REUSED"] * 7 + ["affirmed"]
 
 
 def test_reused_nonce_is_refused(rig: Rig) -> None:
@@ -290,6 +343,15 @@ def test_nonce_never_issued_is_refused(rig: Rig) -> None:
     assert (status, code) == (grpc.StatusCode.FAILED_PRECONDITION, "NONCE_UNKNOWN")
 
 
+def test_no_nonce_before_a_policy_is_published(
+    device_factory: Callable[..., Device], server: ServerThread
+) -> None:
+    dev = device_factory()  # enrolled; the server has no 'default' policy yet
+    status, code, details = rpc_error(lambda: grant_for(server, dev.device_id))
+    assert (status, code) == (grpc.StatusCode.FAILED_PRECONDITION, "NO_POLICY")
+    assert "default" in details
+
+
 def test_unknown_device_gets_no_nonce(rig: Rig) -> None:
     stranger = "dev-" + "0" * 32
     status, code, _ = rpc_error(lambda: grant_for(rig.server, stranger))
@@ -319,25 +381,26 @@ def test_quote_signed_by_another_tpms_ak_is_refused(rig: Rig) -> None:
     assert failure.subject == "signature"
 
 
-def _flip_clock(q: Quote) -> dict[str, bytes]:
-    return {"quote": flip(q.attest, clock_info_offset(q.attest) + 7)}  # clock's low byte
+# Each returns (quote, signature) with one bit changed.
+def _flip_clock(q: Quote) -> tuple[bytes, bytes]:
+    return flip(q.attest, clock_info_offset(q.attest) + 7), q.signature  # clock's low byte
 
 
-def _flip_reset_count(q: Quote) -> dict[str, bytes]:
-    return {"quote": flip(q.attest, clock_info_offset(q.attest) + 11)}
+def _flip_reset_count(q: Quote) -> tuple[bytes, bytes]:
+    return flip(q.attest, clock_info_offset(q.attest) + 11), q.signature
 
 
-def _flip_firmware(q: Quote) -> dict[str, bytes]:
-    return {"quote": flip(q.attest, clock_info_offset(q.attest) + 17)}
+def _flip_firmware(q: Quote) -> tuple[bytes, bytes]:
+    return flip(q.attest, clock_info_offset(q.attest) + 17), q.signature
 
 
-def _flip_pcr_digest(q: Quote) -> dict[str, bytes]:
-    return {"quote": flip(q.attest, len(q.attest) - 1)}
+def _flip_pcr_digest(q: Quote) -> tuple[bytes, bytes]:
+    return flip(q.attest, len(q.attest) - 1), q.signature
 
 
-def _flip_signature_body(q: Quote) -> dict[str, bytes]:
+def _flip_signature_body(q: Quote) -> tuple[bytes, bytes]:
     # TPMT_SIGNATURE (RSASSA): sigAlg(2) hash(2) size(2) then the signature itself.
-    return {"signature": flip(q.signature, 6 + 100)}
+    return q.attest, flip(q.signature, 6 + 100)
 
 
 @pytest.mark.parametrize(
@@ -352,13 +415,121 @@ def _flip_signature_body(q: Quote) -> dict[str, bytes]:
     ],
 )
 def test_one_flipped_byte_breaks_the_signature(
-    rig: Rig, tamper: Callable[[Quote], dict[str, bytes]]
+    rig: Rig, tamper: Callable[[Quote], tuple[bytes, bytes]]
 ) -> None:
     grant = grant_for(rig.server, rig.dev.device_id)
     q = quote_on(rig.dev.tpm, selection_of(grant), grant.nonce)
-    request = attest_request(rig.dev.device_id, grant.nonce, q, **tamper(q))
-    assert (request.quote, request.signature) != (q.attest, q.signature)
+    quote, signature = tamper(q)
+    assert (quote, signature) != (q.attest, q.signature)
+    request = attest_request(rig.dev.device_id, grant.nonce, q, quote=quote, signature=signature)
     assert_refused(attest(rig.server, request), "SIGNATURE_INVALID")
+
+
+@pytest.mark.parametrize(
+    ("header", "subject", "expected", "got"),
+    [
+        (b"\x00\x16\x00\x0b", "signature.sigAlg", "rsassa", "rsapss"),
+        (b"\x00\x14\x00\x0c", "signature.hash", "sha256", "sha384"),
+    ],
+    ids=["rsapss-label", "sha384-label"],
+)
+def test_signature_of_another_scheme_than_the_aks_is_refused(
+    rig: Rig, header: bytes, subject: str, expected: str, got: str
+) -> None:
+    # TPMT_SIGNATURE starts with sigAlg(2) and hash(2): relabel a good signature.
+    grant = grant_for(rig.server, rig.dev.device_id)
+    q = quote_on(rig.dev.tpm, selection_of(grant), grant.nonce)
+    assert q.signature[:4] == b"\x00\x14\x00\x0b"  # rsassa, sha256: the AK's scheme
+    relabelled = header + q.signature[4:]
+    response = attest(
+        rig.server, attest_request(rig.dev.device_id, grant.nonce, q, signature=relabelled)
+    )
+    failure = assert_refused(response, "SIGNATURE_SCHEME_MISMATCH")
+    assert (failure.subject, failure.expected, failure.got) == (subject, expected, got)
+
+
+def _ecdsa_parts(signature: bytes) -> tuple[bytes, bytes, bytes]:
+    """TPMT_SIGNATURE (ECDSA) -> (sigAlg + hash, r, s)."""
+    r_size = int.from_bytes(signature[4:6], "big")
+    r = signature[6 : 6 + r_size]
+    s = signature[6 + r_size + 2 :]
+    return signature[:4], r, s
+
+
+def _ecdsa(head: bytes, r: bytes, s: bytes) -> bytes:
+    return head + len(r).to_bytes(2, "big") + r + len(s).to_bytes(2, "big") + s
+
+
+P256_ORDER = bytes.fromhex("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551")
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda h, r, s: _ecdsa(h, flip(r, 5), s),
+        lambda h, r, s: _ecdsa(h, r, flip(s, 5)),
+        lambda h, r, s: _ecdsa(h, b"", s),
+        lambda h, r, s: _ecdsa(h, r, b"\0"),
+        lambda h, r, s: _ecdsa(h, P256_ORDER, s),
+        lambda h, r, s: _ecdsa(h, s, r),
+    ],
+    ids=["r-flipped", "s-flipped", "r-zero", "s-zero", "r-is-the-order", "r-s-swapped"],
+)
+def test_ecdsa_signature_tampering_is_refused(
+    ecc_dev: Device, forge: Callable[[bytes, bytes, bytes], bytes]
+) -> None:
+    server = ecc_dev.server
+    grant = grant_for(server, ecc_dev.device_id)
+    q = quote_on(ecc_dev.tpm, selection_of(grant), grant.nonce)
+    head, r, s = _ecdsa_parts(q.signature)
+    assert head == b"\x00\x18\x00\x0b"  # ecdsa, sha256
+    assert _ecdsa(head, r, s) == q.signature
+    forged = forge(head, r, s)
+    response = attest(server, attest_request(ecc_dev.device_id, grant.nonce, q, signature=forged))
+    failure = assert_refused(response, "SIGNATURE_INVALID")
+    assert failure.subject == "signature"
+
+
+def test_ecdsa_quote_affirms_unaltered(ecc_dev: Device) -> None:
+    # The baseline of the ECDSA cases above.
+    response, _ = good_attestation(ecc_dev)
+    assert response.verdict.status == AFFIRMING
+
+
+def test_quote_by_a_retired_ak_is_refused(device: Device, server: ServerThread) -> None:
+    grant = grant_for(server, device.device_id)
+    old = quote_on(device.tpm, selection_of(grant), grant.nonce)
+    device.agent.enroll(new_ak=True)  # the server now holds only the new AK
+    response = attest(server, attest_request(device.device_id, grant.nonce, old))
+    assert_refused(response, "SIGNATURE_INVALID")
+    assert good_attestation(device)[0].verdict.status == AFFIRMING
+
+
+def test_quote_with_a_wrong_magic_is_refused(rig: Rig) -> None:
+    grant = grant_for(rig.server, rig.dev.device_id)
+    q = quote_on(rig.dev.tpm, selection_of(grant), grant.nonce)
+    bad = b"\xff\x54\x43\x46" + q.attest[4:]  # TPM_GENERATED_VALUE is ff544347
+    response = attest(rig.server, attest_request(rig.dev.device_id, grant.nonce, q, quote=bad))
+    failure = assert_refused(response, "QUOTE_MAGIC_INVALID")
+    assert (failure.subject, failure.expected, failure.got) == (
+        "quote.magic",
+        "0xff544347",
+        "0xff544346",
+    )
+
+
+def test_certify_signed_by_the_ak_is_not_a_quote(rig: Rig) -> None:
+    # A genuine TPMS_ATTEST, signed by the enrolled AK over the nonce, but of
+    # type certify (TPM2_Certify of the AK by itself): no PCRs were attested.
+    grant = grant_for(rig.server, rig.dev.device_id)
+    with DeviceTpm(rig.dev.tpm.tcti) as t:
+        ak = t.ectx.tr_from_tpmpublic(DEFAULT_AK_HANDLE)
+        certify, sig = t.ectx.certify(ak, ak, grant.nonce, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+        values = t.read_pcrs(selection_of(grant))
+    q = Quote(bytes(certify), bytes(sig.marshal()), values)
+    response = attest(rig.server, attest_request(rig.dev.device_id, grant.nonce, q))
+    failure = assert_refused(response, "QUOTE_TYPE_INVALID")
+    assert (failure.subject, failure.expected, failure.got) == ("quote.type", "0x8018", "0x8017")
 
 
 def test_quote_over_another_nonce_is_refused(rig: Rig) -> None:
@@ -406,6 +577,45 @@ def test_signed_selection_other_than_requested_is_refused(
     assert failure.got == " ".join(f"{b}:{','.join(map(str, i))}" for b, i in signed)
 
 
+def test_signed_selection_repeating_a_bank_is_refused(rig: Rig) -> None:
+    grant = grant_for(rig.server, rig.dev.device_id)
+    split = [("sha256", list(range(5))), ("sha256", list(range(5, 10)))]  # the TPM signs it
+    q = quote_on(rig.dev.tpm, split, grant.nonce)
+    with DeviceTpm(rig.dev.tpm.tcti) as t:
+        pcrs = t.read_pcrs(selection_of(grant))  # all ten values, once
+    response = attest(rig.server, attest_request(rig.dev.device_id, grant.nonce, q, pcrs))
+    failure = assert_refused(response, "PCR_SELECTION_MISMATCH")
+    assert (failure.subject, failure.expected, failure.got) == ("quote.pcrSelect", "", "")
+
+
+@pytest.mark.parametrize(
+    "signed",
+    [
+        [("sha1", []), ("sha256", list(range(10)))],
+        [("sha256", list(range(10))), ("sha1", [])],
+    ],
+    ids=["empty-entry-first", "empty-entry-last"],
+)
+def test_signed_selection_with_an_empty_entry_is_judged_not_crashed(
+    rig: Rig, signed: list[tuple[str, list[int]]]
+) -> None:
+    # The TPM keeps an entry that selects nothing in the signed pcrSelect. The
+    # API asks agents not to send one; whether attestd reads it as the same
+    # selection (affirming) or refuses it (PCR_SELECTION_MISMATCH), it must be
+    # a verdict, never INTERNAL with the nonce already consumed.
+    grant = grant_for(rig.server, rig.dev.device_id)
+    q = quote_on(rig.dev.tpm, signed, grant.nonce)
+    assert q.pcrs["sha1"] == {}
+    pcrs = {"sha256": q.pcrs["sha256"]}
+    response = attest(rig.server, attest_request(rig.dev.device_id, grant.nonce, q, pcrs))
+    codes = [f.code for f in response.verdict.failures]
+    if codes:
+        assert_refused(response, "PCR_SELECTION_MISMATCH")
+    else:
+        assert response.verdict.status == AFFIRMING
+        assert response.credential
+
+
 def _drop_pcr9(pcrs: dict[str, dict[int, bytes]]) -> None:
     del pcrs["sha256"][9]
 
@@ -451,7 +661,10 @@ def test_pcr_value_not_in_the_policy_is_refused(device: Device, server: ServerTh
 
 
 def test_policy_without_allow_sha1_cannot_list_a_sha1_bank(rig: Rig) -> None:
-    doc = {"name": "sha1-sneak", "pcrs": {"sha1": {0: "00" * 20}, "sha256": {0: "00" * 32}}}
+    doc: dict[str, object] = {
+        "name": "sha1-sneak",
+        "pcrs": {"sha1": {0: "00" * 20}, "sha256": {0: "00" * 32}},
+    }
     status, code, details = rpc_error(lambda: rig.server.put_policy(doc))
     assert (status, code) == (grpc.StatusCode.INVALID_ARGUMENT, "POLICY_INVALID")
     assert "pcrs.sha1" in details
@@ -486,14 +699,25 @@ def test_sha1_signed_quote_is_refused(rig: Rig) -> None:
     assert (failure.subject, failure.expected, failure.got) == ("signature.hash", "sha256", "sha1")
 
 
-def test_enroll_refuses_an_ak_with_a_sha1_scheme(rig: Rig) -> None:
+@pytest.mark.parametrize(
+    ("alg", "name_alg", "named"),
+    [
+        ("rsa2048:rsassa-sha1:null", "sha256", "SHA1"),
+        ("rsa1024:rsassa-sha256:null", "sha256", "1024"),
+        ("rsa2048:rsassa-sha256:null", "sha1", "nameAlg"),
+    ],
+    ids=["sha1-scheme", "rsa1024", "sha1-nameAlg"],
+)
+def test_enroll_refuses_an_ak_of_a_weak_algorithm(
+    rig: Rig, alg: str, name_alg: str, named: str
+) -> None:
     with DeviceTpm(rig.dev.tpm.tcti) as t:
-        key, ak_public = create_transient(t, "rsa2048:rsassa-sha1:null", AK_ATTRS)
+        key, ak_public = create_transient(t, alg, AK_ATTRS, name_alg)
         t.ectx.flush_context(key)
         request = enroll_request(t, ak_public)
     status, code, details = rpc_error(lambda: rig.server.enrollment.Enroll(request))
     assert (status, code) == (grpc.StatusCode.INVALID_ARGUMENT, "AK_ALGORITHM")
-    assert "ak_public" in details and "SHA1" in details
+    assert details.startswith("ak_public:") and named in details, details
 
 
 def test_sha1_quote_from_an_ak_with_a_null_scheme_is_refused(
@@ -538,13 +762,102 @@ def test_ek_certificate_from_an_untrusted_ca_is_refused(
     assert "ek_certificate" in details
 
 
+@pytest.mark.parametrize(
+    ("set_bits", "clear_bits"),
+    [(TPMA_OBJECT.SIGN_ENCRYPT, 0), (0, TPMA_OBJECT.RESTRICTED), (0, TPMA_OBJECT.FIXEDTPM)],
+    ids=["sign-set", "not-restricted", "not-fixedTPM"],
+)
+def test_ek_public_with_wrong_attributes_is_refused(
+    rig: Rig, set_bits: int, clear_bits: int
+) -> None:
+    # The certificate's key, but an area that does not describe an EK: the
+    # verifier cannot ask the TPM, so it must read the attributes itself.
+    with DeviceTpm(rig.dev.tpm.tcti) as t:
+        request = enroll_request(t, enrolled_ak_public(t))
+    ek = request.ek_public
+    at = 2 + 2 + 2  # TPM2B size, type, nameAlg, then objectAttributes (UINT32)
+    attrs = (int.from_bytes(ek[at : at + 4], "big") | set_bits) & ~clear_bits
+    request.ek_public = ek[:at] + attrs.to_bytes(4, "big") + ek[at + 4 :]
+    status, code, details = rpc_error(lambda: rig.server.enrollment.Enroll(request))
+    assert (status, code) == (grpc.StatusCode.INVALID_ARGUMENT, "EK_ATTRIBUTES")
+    assert "ek_public" in details
+
+
+def reissue(
+    leaf_der: bytes,
+    maker: Manufacturer,
+    *,
+    eku: list[x509.ObjectIdentifier] | None = None,
+    not_after: datetime.datetime | None = None,
+    signer: rsa.RSAPrivateKey | None = None,
+) -> bytes:
+    """The EK certificate again, signed by ``maker``'s issuing CA key (or ``signer``),
+    with at most the EKU or the expiry changed."""
+    leaf = x509.load_der_x509_certificate(leaf_der)
+    issuer = x509.load_pem_x509_certificate(maker.intermediate_cert_path.read_bytes())
+    if signer is None:
+        key = serialization.load_pem_private_key(
+            (maker.ca_dir / "signkey.pem").read_bytes(), password=None
+        )
+        assert isinstance(key, rsa.RSAPrivateKey)
+        signer = key
+    not_after = not_after or leaf.not_valid_after_utc
+    not_before = min(leaf.not_valid_before_utc, not_after - datetime.timedelta(days=365))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(leaf.subject)
+        .issuer_name(issuer.subject)
+        .public_key(leaf.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+    for ext in leaf.extensions:
+        value = ext.value
+        if eku is not None and isinstance(value, x509.ExtendedKeyUsage):
+            value = x509.ExtendedKeyUsage(eku)
+        builder = builder.add_extension(value, ext.critical)
+    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+_YESTERDAY = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "outcome"),
+    [
+        ({}, None),  # the re-issuing itself is sound: accepted
+        ({"eku": [ExtendedKeyUsageOID.SERVER_AUTH]}, ("INVALID_ARGUMENT", "EK_CERT_NOT_EK")),
+        ({"not_after": _YESTERDAY}, ("PERMISSION_DENIED", "EK_CHAIN_UNTRUSTED")),
+        ({"signer": "forger"}, ("PERMISSION_DENIED", "EK_CHAIN_UNTRUSTED")),
+    ],
+    ids=["reissued-unchanged", "not-an-ek-eku", "expired", "issuer-name-but-another-key"],
+)
+def test_ek_certificate_from_the_trusted_ca_with_one_defect_is_refused(
+    rig: Rig,
+    manufacturer: Manufacturer,
+    changes: dict[str, object],
+    outcome: tuple[str, str] | None,
+) -> None:
+    if changes.get("signer") == "forger":
+        changes = {"signer": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+    with DeviceTpm(rig.dev.tpm.tcti) as t:
+        request = enroll_request(t, enrolled_ak_public(t))
+    request.ek_certificate = reissue(request.ek_certificate, manufacturer, **changes)  # type: ignore[arg-type]
+    if outcome is None:
+        assert rig.server.enrollment.Enroll(request).device_id == rig.dev.device_id
+        return
+    status, code, details = rpc_error(lambda: rig.server.enrollment.Enroll(request))
+    assert (status.name, code) == outcome
+    assert details.startswith("ek_certificate:"), details
+
+
 def test_ek_certificate_of_another_tpm_is_refused(rig: Rig) -> None:
     with DeviceTpm(rig.dev.tpm.tcti) as a:
         cert_a, _ = a.endorsement()
     with DeviceTpm(rig.dev2.tpm.tcti) as b:
         _, ek_b = b.endorsement()
-        ak_b = b.ak_public()
-    assert ak_b is not None
+        ak_b = enrolled_ak_public(b)
     request = enrollment_pb2.EnrollRequest(ek_certificate=cert_a, ek_public=ek_b, ak_public=ak_b)
     status, code, details = rpc_error(lambda: rig.server.enrollment.Enroll(request))
     assert (status, code) == (grpc.StatusCode.INVALID_ARGUMENT, "EK_CERT_KEY_MISMATCH")
@@ -592,6 +905,8 @@ def test_wrong_activation_secret_is_refused_and_burns_the_challenge(
             enrollment_pb2.GetDeviceRequest(device_id=challenge.device_id)
         )
     )
+    assert (status, code) == (grpc.StatusCode.NOT_FOUND, "DEVICE_UNKNOWN")
+    status, code, _ = rpc_error(lambda: grant_for(rig.server, challenge.device_id))
     assert (status, code) == (grpc.StatusCode.NOT_FOUND, "DEVICE_UNKNOWN")
 
 
@@ -642,6 +957,17 @@ def _power_off(tpm: SimTpm) -> None:
     tpm.stop()
 
 
+def _power_loss(tpm: SimTpm) -> None:
+    """Reset without TPM2_Shutdown: TPM_Init on the control port, then Startup(CLEAR)."""
+    assert tpm.port is not None
+    subprocess.run(
+        ["swtpm_ioctl", "--tcp", f"127.0.0.1:{tpm.port + 1}", "-i"], check=True, capture_output=True
+    )
+    subprocess.run(
+        ["tpm2_startup", "-c", "-T", tpm.tcti], check=True, capture_output=True, env=_TSS_ENV
+    )
+
+
 def _reset_count(q: Quote) -> int:
     return parse_attest(q.attest).clock_info.reset_count
 
@@ -674,6 +1000,19 @@ def test_reset_count_going_backwards_is_refused(
     failure = assert_refused(response, "RESET_COUNT_ROLLBACK")
     assert failure.subject == "quote.clockInfo.resetCount"
     assert (failure.expected, failure.got) == (f">= {_reset_count(q2)}", str(_reset_count(q3)))
+
+
+def test_clock_not_known_to_be_safe_is_refused(device: Device, server: ServerThread) -> None:
+    response, _ = good_attestation(device)
+    assert response.verdict.status == AFFIRMING
+    # Power lost without TPM2_Shutdown: the TPM cannot vouch for its clock
+    # (clockInfo.safe = 0) until it next writes the clock to NV.
+    _power_loss(device.tpm)
+    device.tpm.boot()
+    response, q = good_attestation(device)
+    assert not parse_attest(q.attest).clock_info.safe
+    failure = assert_refused(response, "CLOCK_UNSAFE")
+    assert (failure.subject, failure.expected, failure.got) == ("quote.clockInfo.safe", "1", "0")
 
 
 def _stored_clock(rig: Rig) -> dict[str, int]:
