@@ -20,6 +20,7 @@ from tpm2_pytss.types import (
     TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
+    TPML_DIGEST,
     TPML_PCR_SELECTION,
     TPMS_PCR_SELECTION,
     TPMT_PUBLIC,
@@ -34,6 +35,16 @@ DEFAULT_AK_HANDLE = 0x81010002
 
 # TCG EK Credential Profile: which EK certificate/template to look for.
 EK_TYPES = {"rsa": "EK-RSA2048", "ecc": "EK-HIGH-ECC384"}
+# TCG EK Credential Profile 2.0, B.6: the high-range (P-384) EK's authPolicy is
+# PolicyOR(PolicyA, PolicyB) in SHA-384; PolicyA is PolicySecret(TPM_RH_ENDORSEMENT).
+EK_POLICY_A_SHA384 = bytes.fromhex(
+    "8bbf2266537c171cb56e403c4dc1d4b64f432611dc386e6f532050c3278c930e"
+    "143e8bb1133824ccb431053871c6db53"
+)
+EK_POLICY_B_SHA384 = bytes.fromhex(
+    "d6032ce61f2fb3c240eb3cf6a33237ef2b6a16f4293c22b455e261cffd217ad5"
+    "b4947c2d73e63005eed2dc2b3593d165"
+)
 
 _AK_ATTRS = (
     TPMA_OBJECT.RESTRICTED
@@ -173,7 +184,8 @@ class DeviceTpm:
     ) -> bytes:
         """TPM2_ActivateCredential with the AK (``ak``, else the persisted one) and the EK.
 
-        The EK's authorization is its policy, PolicySecret(TPM_RH_ENDORSEMENT).
+        The EK authorizes through its policy: PolicySecret(TPM_RH_ENDORSEMENT), and for
+        the high-range EK that ORed with PolicyB of the TCG EK Credential Profile.
         """
         _, template = create_ek_template(EK_TYPES[ek_type], NVReadEK(self.ectx))
         if ak is None:
@@ -181,15 +193,20 @@ class DeviceTpm:
         blob, _ = TPM2B_ID_OBJECT.unmarshal(credential_blob)
         secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
         with self._ek(template) as (ek, _):
+            high_range = ek_type == "ecc"
             session = self.ectx.start_auth_session(
                 ESYS_TR.NONE,
                 ESYS_TR.NONE,
                 TPM2_SE.POLICY,
                 TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
-                TPM2_ALG.SHA256,
+                TPM2_ALG.SHA384 if high_range else TPM2_ALG.SHA256,
             )
             with self._transient(session):
                 self.ectx.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+                if high_range:
+                    self.ectx.policy_or(
+                        session, TPML_DIGEST([EK_POLICY_A_SHA384, EK_POLICY_B_SHA384])
+                    )
                 try:
                     cred = self.ectx.activate_credential(
                         ak, ek, blob, secret, session1=ESYS_TR.PASSWORD, session2=session

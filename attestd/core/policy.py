@@ -29,8 +29,8 @@ from attestd.core.errors import PolicyError
 from attestd.core.limits import DEFAULT_LIMITS, Limits
 from attestd.core.tpm import PCR_COUNT, Bank, Selection
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HEX_RE = re.compile(r"^(0x)?[0-9a-fA-F]+$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HEX_RE = re.compile(r"(0x)?[0-9a-fA-F]+")
 _KNOWN_KEYS = {"name", "description", "allow_sha1", "pcrs"}
 
 
@@ -91,7 +91,7 @@ def policy_from_document(doc: object, limits: Limits = DEFAULT_LIMITS) -> Policy
     if unknown:
         raise PolicyError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
     name = doc.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise PolicyError(
             "required; 1-64 characters of letters, digits, '.', '_' or '-'", field="name"
         )
@@ -131,7 +131,7 @@ def policy_from_document(doc: object, limits: Limits = DEFAULT_LIMITS) -> Policy
 def _pcr_index(index: object, where: str) -> int:
     if isinstance(index, bool):
         raise PolicyError("PCR index must be a number 0-23", field=f"{where}.{index}")
-    if isinstance(index, str) and index.strip().isdigit():
+    if isinstance(index, str) and re.fullmatch(r"[0-9]{1,2}", index.strip()):
         index = int(index)
     if not isinstance(index, int) or not 0 <= index < PCR_COUNT:
         raise PolicyError("PCR index must be a number 0-23", field=f"{where}.{index}")
@@ -148,7 +148,7 @@ def _digests(raw: object, bank: Bank, where: str, limits: Limits) -> frozenset[b
     for n, item in enumerate(items):
         iwhere = f"{where}[{n}]" if isinstance(raw, list) else where
         # YAML reads an unquoted all-digit hex string as an int; refuse the guess.
-        if not isinstance(item, str) or not _HEX_RE.match(item.strip()):
+        if not isinstance(item, str) or not _HEX_RE.fullmatch(item.strip()):
             raise PolicyError("digest must be a hex string (quote it in YAML)", field=iwhere)
         text = item.strip().lower().removeprefix("0x")
         if len(text) != 2 * bank.digest_size:

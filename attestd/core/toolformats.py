@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import struct
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -50,7 +51,7 @@ def load_ak(data: bytes, field: str = "ak") -> PublicArea:
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             key = serialization.load_pem_public_key(data)
-        except ValueError as e:
+        except (ValueError, UnsupportedAlgorithm) as e:
             raise MalformedError(f"not a PEM public key ({e})", field=field) from None
         if isinstance(key, rsa.RSAPublicKey):
             return PublicArea(

@@ -224,6 +224,7 @@ class Reader:
 
 
 _ALG_VALUES = frozenset(a.value for a in Alg)
+_KEY_TYPES = frozenset({Alg.RSA, Alg.ECC, Alg.KEYEDHASH, Alg.SYMCIPHER})
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -303,7 +304,8 @@ def parse_public(data: bytes, field: str = "public", limits: Limits = DEFAULT_LI
             f"{len(data)} bytes exceeds the limit of {limits.max_public_size}", field=field
         )
     declared = int.from_bytes(data[:2], "big") if len(data) >= 2 else -1
-    if declared == len(data) - 2:
+    inner = int.from_bytes(data[2:4], "big") if len(data) >= 4 else -1
+    if declared == len(data) - 2 and inner in _KEY_TYPES:
         data = data[2:]
     elif declared not in _ALG_VALUES:
         # No algorithm has that id, so not a TPMT_PUBLIC: a TPM2B_PUBLIC whose size is off.

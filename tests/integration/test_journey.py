@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import Device, ServerThread, run_cli, write_yaml
 from cryptography.hazmat.primitives import serialization
+from tpmsim import SimTpm
 
 from attestd.core.ear import EAR_PROFILE, verify_jwt
 from attestd.v1 import common_pb2, enrollment_pb2
@@ -92,7 +93,8 @@ def test_every_attestation_is_recorded(device: Device, server: ServerThread) -> 
     store = server.running.state.store.store
     rows = list(
         store.db.execute(  # type: ignore[attr-defined]
-            "SELECT status, policy_name, policy_version, clock FROM attestations WHERE device_id = ?",
+            "SELECT status, policy_name, policy_version, clock FROM attestations"
+            " WHERE device_id = ?",
             (device.device_id,),
         )
     )
@@ -136,3 +138,24 @@ def test_policy_cli_put_get_list_and_refusal(server: ServerThread, tmp_path: Pat
     # Nothing was half-written: still version 1.
     out = run_cli("policy", "get", "lab@1", "--server", server.address, "--json", check=True)
     assert run_cli("policy", "get", "lab@2", "--server", server.address).returncode == 1
+
+
+def test_high_range_ecc_ek_enrolls_through_the_cli(
+    tpm_factory: Callable[..., SimTpm], server: ServerThread, tmp_path: Path
+) -> None:
+    tpm = tpm_factory()
+    out = run_cli(
+        "--server",
+        server.address,
+        "--tcti",
+        tpm.tcti,
+        "--state-dir",
+        str(tmp_path / "a"),
+        "--ek-type",
+        "ecc",
+        "enroll",
+        "--json",
+        tool="attestd-agent",
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["device_id"].startswith("dev-")

@@ -38,10 +38,17 @@ RESTRICTED = 1 << 16
 DECRYPT = 1 << 17
 SIGN = 1 << 18
 AK_ATTRS = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | USER_WITH_AUTH | RESTRICTED | SIGN
-EK_ATTRS = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | ADMIN_WITH_POLICY | RESTRICTED | DECRYPT
+EK_ATTRS = (
+    FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN | ADMIN_WITH_POLICY | RESTRICTED | DECRYPT
+)
 
 HASHLIB = {SHA1: "sha1", SHA256: "sha256", SHA384: "sha384", SHA512: "sha512"}
-CRYPTO_HASH = {SHA1: hashes.SHA1, SHA256: hashes.SHA256, SHA384: hashes.SHA384, SHA512: hashes.SHA512}
+CRYPTO_HASH = {
+    SHA1: hashes.SHA1,
+    SHA256: hashes.SHA256,
+    SHA384: hashes.SHA384,
+    SHA512: hashes.SHA512,
+}
 BANK_ALG = {"sha1": SHA1, "sha256": SHA256, "sha384": SHA384, "sha512": SHA512}
 _CURVE_ID = {"secp256r1": P256, "secp384r1": P384, "secp521r1": P521}
 
@@ -80,7 +87,9 @@ def pcr_selection(selection: Selection, size_of_select: int = 3) -> bytes:
     return out
 
 
-def pcr_digest(hash_alg: int, selection: Selection, values: Mapping[str, Mapping[int, bytes]]):
+def pcr_digest(
+    hash_alg: int, selection: Selection, values: Mapping[str, Mapping[int, bytes]]
+) -> bytes:
     """H(PCR values in selection order, ascending index inside an entry) (Part 3, Quote)."""
     by_alg = {BANK_ALG[bank]: vals for bank, vals in values.items()}
     h = hashlib.new(HASHLIB[hash_alg])
