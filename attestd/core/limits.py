@@ -26,7 +26,11 @@ class Limits:
     max_digests_per_pcr: int = 256
     # Requests.
     max_banks_per_request: int = 4
+    # Boot event logs (TCG PFP). Real firmware logs are tens of KB with a few hundred
+    # events; dbx is the largest single event (tens of KB).
     max_event_log_size: int = 1024 * 1024
+    max_events: int = 10000
+    max_event_size: int = 256 * 1024
 
 
 DEFAULT_LIMITS = Limits()
