@@ -31,7 +31,65 @@ from attestd.core.tpm import PCR_COUNT, Bank, Selection
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX_RE = re.compile(r"(0x)?[0-9a-fA-F]+")
-_KNOWN_KEYS = {"name", "description", "allow_sha1", "pcrs"}
+_KNOWN_KEYS = {"name", "description", "allow_sha1", "pcrs", "eventlog"}
+_RULE_KEYS = {
+    "require_secure_boot",
+    "boot_applications",
+    "kernel_cmdline",
+    "dbx_contains",
+    "forbidden_authorities",
+}
+
+
+@dataclass(frozen=True)
+class EventLogRules:
+    """Rules on the boot state a device's event log shows (the policy's ``eventlog:``).
+
+    Empty fields impose nothing. Any rule makes an event log required.
+    """
+
+    require_secure_boot: bool = False
+    # Allowed EV_EFI_BOOT_SERVICES_APPLICATION digests (PCR 4, sha256 bank).
+    boot_applications: frozenset[bytes] = frozenset()
+    # Allowed kernel command lines: exact strings, or regular expressions that must match whole.
+    kernel_cmdline_exact: tuple[str, ...] = ()
+    kernel_cmdline_regex: tuple[str, ...] = ()
+    # SHA-256 hashes dbx must contain (revocations the platform must carry).
+    dbx_contains: frozenset[bytes] = frozenset()
+    # SHA-256 fingerprints of certificates that must not have verified boot code.
+    forbidden_authorities: frozenset[bytes] = frozenset()
+
+    @property
+    def any(self) -> bool:
+        return bool(
+            self.require_secure_boot
+            or self.boot_applications
+            or self.kernel_cmdline_exact
+            or self.kernel_cmdline_regex
+            or self.dbx_contains
+            or self.forbidden_authorities
+        )
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {}
+        if self.require_secure_boot:
+            doc["require_secure_boot"] = True
+        if self.boot_applications:
+            doc["boot_applications"] = sorted(d.hex() for d in self.boot_applications)
+        if self.kernel_cmdline_exact or self.kernel_cmdline_regex:
+            doc["kernel_cmdline"] = {
+                k: list(v)
+                for k, v in (
+                    ("exact", self.kernel_cmdline_exact),
+                    ("regex", self.kernel_cmdline_regex),
+                )
+                if v
+            }
+        if self.dbx_contains:
+            doc["dbx_contains"] = sorted(d.hex() for d in self.dbx_contains)
+        if self.forbidden_authorities:
+            doc["forbidden_authorities"] = sorted(d.hex() for d in self.forbidden_authorities)
+        return doc
 
 
 @dataclass(frozen=True)
@@ -40,6 +98,7 @@ class Policy:
     pcrs: Mapping[Bank, Mapping[int, frozenset[bytes]]]
     allow_sha1: bool = False
     description: str = ""
+    eventlog: EventLogRules = EventLogRules()
 
     def selection(self) -> Selection:
         """The PCR selection to quote, in canonical order (bank algorithm id, then index)."""
@@ -50,7 +109,7 @@ class Policy:
 
     def to_document(self) -> dict[str, Any]:
         """The canonical JSON-able form (sorted, lowercase hex)."""
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
             "allow_sha1": self.allow_sha1,
@@ -62,6 +121,9 @@ class Policy:
                 for bank in sorted(self.pcrs, key=lambda b: b.alg.value)
             },
         }
+        if self.eventlog.any:
+            doc["eventlog"] = self.eventlog.to_document()
+        return doc
 
     def canonical_json(self) -> str:
         return json.dumps(self.to_document(), sort_keys=True, separators=(",", ":"))
@@ -125,7 +187,72 @@ def policy_from_document(doc: object, limits: Limits = DEFAULT_LIMITS) -> Policy
                 raise PolicyError("PCR listed twice", field=pwhere)
             values[index_n] = _digests(digests, bank, pwhere, limits)
         pcrs[bank] = values
-    return Policy(name=name, pcrs=pcrs, allow_sha1=allow_sha1, description=description)
+    rules = _rules(doc.get("eventlog"), limits)
+    return Policy(
+        name=name, pcrs=pcrs, allow_sha1=allow_sha1, description=description, eventlog=rules
+    )
+
+
+def _rules(raw: object, limits: Limits) -> EventLogRules:
+    if raw is None:
+        return EventLogRules()
+    if not isinstance(raw, dict):
+        raise PolicyError("must be a mapping of rules", field="eventlog")
+    unknown = sorted(str(k) for k in raw if k not in _RULE_KEYS)
+    if unknown:
+        raise PolicyError(f"unknown rule(s): {', '.join(unknown)}", field=f"eventlog.{unknown[0]}")
+    secure_boot = raw.get("require_secure_boot", False)
+    if not isinstance(secure_boot, bool):
+        raise PolicyError("must be true or false", field="eventlog.require_secure_boot")
+    exact: tuple[str, ...] = ()
+    regex: tuple[str, ...] = ()
+    cmdline = raw.get("kernel_cmdline")
+    if cmdline is not None:
+        if not isinstance(cmdline, dict) or not cmdline or set(cmdline) - {"exact", "regex"}:
+            raise PolicyError(
+                "must map 'exact' and/or 'regex' to lists of strings",
+                field="eventlog.kernel_cmdline",
+            )
+        exact = _strings(cmdline.get("exact", []), "eventlog.kernel_cmdline.exact", limits)
+        regex = _strings(cmdline.get("regex", []), "eventlog.kernel_cmdline.regex", limits)
+        for n, pattern in enumerate(regex):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise PolicyError(
+                    f"invalid regular expression: {e}", field=f"eventlog.kernel_cmdline.regex[{n}]"
+                ) from None
+    return EventLogRules(
+        require_secure_boot=secure_boot,
+        boot_applications=_sha256_list(
+            raw.get("boot_applications"), "eventlog.boot_applications", limits
+        ),
+        kernel_cmdline_exact=exact,
+        kernel_cmdline_regex=regex,
+        dbx_contains=_sha256_list(raw.get("dbx_contains"), "eventlog.dbx_contains", limits),
+        forbidden_authorities=_sha256_list(
+            raw.get("forbidden_authorities"), "eventlog.forbidden_authorities", limits
+        ),
+    )
+
+
+def _strings(raw: object, where: str, limits: Limits) -> tuple[str, ...]:
+    if not isinstance(raw, list) or len(raw) > limits.max_digests_per_pcr:
+        raise PolicyError(
+            f"must be a list of at most {limits.max_digests_per_pcr} strings", field=where
+        )
+    for n, item in enumerate(raw):
+        if not isinstance(item, str) or len(item) > 4096:
+            raise PolicyError("must be a string of at most 4096 characters", field=f"{where}[{n}]")
+    return tuple(raw)
+
+
+def _sha256_list(raw: object, where: str, limits: Limits) -> frozenset[bytes]:
+    if raw is None:
+        return frozenset()
+    if not isinstance(raw, list) or not raw:
+        raise PolicyError("must be a non-empty list of SHA-256 hex digests", field=where)
+    return _digests(raw, Bank.SHA256, where, limits)
 
 
 def _pcr_index(index: object, where: str) -> int:
