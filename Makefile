@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config python3-venv gcc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-packages proto check test demo clean
+.PHONY: setup system-packages proto check test demo bench clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -38,6 +38,10 @@ test: setup
 
 demo: setup
 	TSS2_LOG=all+none PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tpm-sim/demo.sh
+
+# Benchmarks: medians, side by side in one run; results in build/bench.json.
+bench: setup
+	TSS2_LOG=all+none $(PY) bench/eventlog.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache demo-data

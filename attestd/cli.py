@@ -28,6 +28,7 @@ from attestd.service.errors import CODE_KEY
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_EVENT_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
 STATUS_NAMES = {0: "unspecified", 1: "none", 2: "affirming", 3: "warning", 4: "contraindicated"}
 
 
@@ -261,6 +262,81 @@ def _print_findings(v: Verdict) -> None:
         print(f"  ! {w.code.value} {w.subject}: {w.detail}")
 
 
+# --- attestd eventlog (offline, the pure core) ----------------------------
+
+
+def _load_log(path: str) -> Any:
+    from attestd.core.eventlog import parse_event_log
+
+    return parse_event_log(_read(path, "event log"))
+
+
+def cmd_eventlog_replay(args: argparse.Namespace) -> int:
+    from attestd.core.eventlog import replay
+
+    pcrs = replay(_load_log(args.file))
+    doc = {
+        "pcrs": {
+            bank.value: {str(i): d.hex() for i, d in sorted(values.items())}
+            for bank, values in pcrs.items()
+        }
+    }
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        for bank, values in doc["pcrs"].items():
+            print(f"{bank}:")
+            for i, d in values.items():
+                print(f"  {int(i):2d} : 0x{d}")
+    return EXIT_OK
+
+
+def cmd_eventlog_show(args: argparse.Namespace) -> int:
+    log = _load_log(args.file)
+    events = [
+        {
+            "number": e.number,
+            "offset": e.offset,
+            "pcr": e.pcr,
+            "type": e.type_name,
+            "digests": {_alg_label(a): d.hex() for a, d in e.digests.items()},
+            "size": len(e.data),
+        }
+        for e in log.events
+    ]
+    if args.json:
+        print(json.dumps({"format": log.format, "events": events}, indent=2))
+        return EXIT_OK
+    print(f"{log.format} event log, {len(events)} events, {log.size} bytes")
+    for ev in events:
+        digest = ev["digests"].get("sha256") or next(iter(ev["digests"].values()), "")
+        where = f"{ev['number']:4d}  PCR {ev['pcr']:2d}"
+        print(f"{where}  {ev['type']:<34} {digest[:16]}…  {ev['size']} B")
+    return EXIT_OK
+
+
+def _alg_label(alg: int) -> str:
+    try:
+        return Bank.from_alg(alg).value
+    except ValueError:
+        return f"0x{alg:04x}"
+
+
+def cmd_eventlog_state(args: argparse.Namespace) -> int:
+    from attestd.core.bootstate import check_events, extract_state
+
+    log = _load_log(args.file)
+    state = extract_state(log).to_json()
+    findings = [f.as_dict() for f in check_events(log)]
+    if args.json:
+        print(json.dumps(state | {"findings": findings}, indent=2))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(state | {"findings": findings}, sort_keys=False), end="")
+    return EXIT_OK
+
+
 # --- attestd-agent --------------------------------------------------------
 
 
@@ -295,7 +371,11 @@ def cmd_agent_enroll(args: argparse.Namespace) -> int:
 def cmd_agent_attest(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
-    event_log = _read(args.event_log, "event log") if args.event_log else b""
+    event_log = b""
+    if not args.no_event_log:
+        path = Path(args.event_log or DEFAULT_EVENT_LOG)
+        if args.event_log or path.exists():
+            event_log = _read(str(path), "event log")
     agent = _agent(args)
     try:
         resp = agent.attest(event_log)
@@ -420,6 +500,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-sha1", action="store_true", help="accept SHA-1 signatures")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_check_quote)
+
+    ev = sub.add_parser("eventlog", help="TCG PC Client boot event logs, offline").add_subparsers(
+        dest="eventlog_command", required=True
+    )
+    for name, func, helptext in (
+        ("replay", cmd_eventlog_replay, "the PCR values the log replays to, per bank"),
+        ("show", cmd_eventlog_show, "list the events"),
+        ("state", cmd_eventlog_state, "the boot state the log shows (Secure Boot, keys, loaders…)"),
+    ):
+        c = ev.add_parser(name, help=helptext)
+        c.add_argument("file")
+        c.add_argument("--json", action="store_true")
+        c.set_defaults(func=func)
     return p
 
 
@@ -445,7 +538,10 @@ def build_agent_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_agent_enroll)
     c = sub.add_parser("attest", help="attest this boot and save the credential")
-    c.add_argument("--event-log", help="boot event log to send")
+    c.add_argument(
+        "--event-log", help=f"boot event log to send (default {DEFAULT_EVENT_LOG}, if present)"
+    )
+    c.add_argument("--no-event-log", action="store_true", help="send no event log")
     c.add_argument("--credential-out", help="also write the credential here")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_agent_attest)

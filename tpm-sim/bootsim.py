@@ -559,8 +559,9 @@ def build_events(seed: int, tamper: str | None, keys: dict[str, rsa.RSAPrivateKe
     cmdline = CMDLINE + (" init=/bin/sh" if tamper == "cmdline" else "")
 
     def grub_string(pcr: int, text: str) -> Event:
-        # grub logs the string with its NUL but hashes it without.
-        return measure(pcr, EV_IPL, text.encode() + b"\0", text, measured=text.encode())
+        # grub logs "prefix: text" with its NUL but hashes only the text after the prefix.
+        measured = text.split(": ", 1)[1].encode()
+        return measure(pcr, EV_IPL, text.encode() + b"\0", text, measured=measured)
 
     ev.append(grub_string(8, f"grub_cmd: linux {cmdline}"))
     ev.append(

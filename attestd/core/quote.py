@@ -26,6 +26,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -33,7 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from attestd.core import verdict as v
 from attestd.core.errors import MalformedError
+from attestd.core.eventlog import EventLog
 from attestd.core.limits import DEFAULT_LIMITS, Limits
+from attestd.core.measuredboot import appraise_boot
 from attestd.core.policy import Policy
 from attestd.core.tpm import (
     PCR_COUNT,
@@ -55,6 +58,8 @@ from attestd.core.verdict import Code, Failure, TrustVector, Verdict
 
 # PC Client PFP: PCRs 1, 3, 5 and 7 hold configuration; the others code.
 CONFIG_PCRS = frozenset({1, 3, 5, 7})
+# Boot-state findings about platform configuration rather than loaded code.
+CONFIGURATION_CODES = frozenset({Code.SECURE_BOOT_DISABLED, Code.DBX_MISSING_HASH})
 STRONG_HASHES = frozenset({Alg.SHA256, Alg.SHA384, Alg.SHA512})
 
 PcrValues = Mapping[Bank, Mapping[int, bytes]]
@@ -91,6 +96,8 @@ class Appraisal:
     evidence: QuoteEvidence
     # The clock state to remember as "last accepted", or None when not accepted.
     accepted_clock: ClockState | None
+    # The boot state the event log shows (when a log was sent and agreed with the quote).
+    boot_state: dict[str, Any] | None = None
 
 
 def parse_evidence(
@@ -218,10 +225,13 @@ def appraise_quote(
     now_ms: int,
     allow_sha1: bool | None = None,
     required_hash: Alg | None = None,
+    event_log: EventLog | None = None,
 ) -> Appraisal:
     """Appraise a quote. ``nonce=None`` skips freshness (offline use only; a warning says so).
 
     ``policy=None`` checks integrity only (offline): no reference values, no selection demand.
+    ``event_log`` is the parsed boot log, checked against the signed PCR values and the
+    policy's event-log rules (measuredboot.appraise_boot).
     """
     attest = evidence.attest
     failures: list[Failure] = []
@@ -379,6 +389,18 @@ def appraise_quote(
                 else:
                     tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
 
+    # 5b. The boot event log against the signed values, its events, the policy's rules.
+    boot_state = None
+    if policy is not None and values_trusted:
+        boot = appraise_boot(event_log, evidence.pcrs, policy.eventlog)
+        for f in boot.failures:
+            failures.append(f)
+            if f.code in CONFIGURATION_CODES:
+                tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
+            else:
+                tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
+        boot_state = boot.state
+
     # 6. Clock and firmware against the last accepted quote.
     ci = attest.clock_info
     if not ci.safe:
@@ -408,7 +430,7 @@ def appraise_quote(
                 )
             )
             tv = tv.worse(hardware=v.UNSAFE_HARDWARE)
-    return _done(evidence, tv, failures, warnings, policy, now_ms)
+    return _done(evidence, tv, failures, warnings, policy, now_ms, boot_state)
 
 
 def _clock_failure(prev: ClockState, attest: Attest) -> Failure | None:
@@ -448,6 +470,7 @@ def _done(
     warnings: list[Failure],
     policy: Policy | None,
     now_ms: int,
+    boot_state: dict[str, Any] | None = None,
 ) -> Appraisal:
     status = tv.status
     if failures and status is not v.Status.CONTRAINDICATED:
@@ -462,4 +485,6 @@ def _done(
         policy_name=policy.name if policy else "",
     )
     accepted = status in (v.Status.AFFIRMING, v.Status.WARNING)
-    return Appraisal(verdict, evidence, ClockState.of(evidence.attest) if accepted else None)
+    return Appraisal(
+        verdict, evidence, ClockState.of(evidence.attest) if accepted else None, boot_state
+    )

@@ -10,6 +10,7 @@ from dataclasses import replace
 import grpc
 
 from attestd.core.ear import issue_credential
+from attestd.core.eventlog import parse_event_log
 from attestd.core.quote import Appraisal, ClockState, appraise_quote, parse_evidence
 from attestd.core.tpm import Bank
 from attestd.core.verdict import Claim, Failure, Verdict
@@ -117,6 +118,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             banks[bank.bank] = dict(bank.values)
         # Parse before consuming the nonce: malformed input loses nothing.
         evidence = parse_evidence(request.quote, request.signature, banks, limits)
+        event_log = parse_event_log(request.event_log, limits) if request.event_log else None
         store = self.s.store.store
         device = await self.s.store(store.get_device, request.device_id)
         now_ms = self.s.now_ms()
@@ -133,6 +135,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             policy=policy,
             previous=previous,
             now_ms=now_ms,
+            event_log=event_log,
         )
         verdict = replace(appraisal.verdict, policy_version=record.version)
         response = attestation_pb2.AttestResponse(verdict=verdict_pb(verdict, device.device_id))
@@ -192,6 +195,7 @@ def _record(
             for bank, vals in appraisal.evidence.pcrs.items()
         },
         credential_expires_at_ms=expires_ms,
+        boot_state=appraisal.boot_state,
     )
 
 

@@ -102,6 +102,8 @@ class AttestationRecord:
     pcrs: dict[str, dict[str, str]]  # bank -> index -> hex
     credential_expires_at_ms: int = 0
     attestation_id: int | None = None
+    # What the boot event log showed, when one was sent and agreed with the quote.
+    boot_state: dict[str, Any] | None = None
 
 
 class Store(Protocol):

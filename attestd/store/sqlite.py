@@ -88,6 +88,7 @@ _SCHEMA: dict[str, tuple[dict[str, Any], str | tuple[str, ...]]] = {
             "clock": str,
             "pcrs": str,
             "credential_expires_at_ms": int,
+            "boot_state": str,
         },
         "id",
     ),
@@ -327,7 +328,7 @@ class SqliteStore:
                 cur = c.execute(
                     "INSERT INTO attestations (device_id, at_ms, status, failures, warnings,"
                     " trust_vector, policy_name, policy_version, clock, pcrs,"
-                    " credential_expires_at_ms) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " credential_expires_at_ms, boot_state) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         record.device_id,
                         record.at_ms,
@@ -340,6 +341,7 @@ class SqliteStore:
                         json.dumps(record.clock),
                         json.dumps(record.pcrs),
                         record.credential_expires_at_ms,
+                        None if record.boot_state is None else json.dumps(record.boot_state),
                     ),
                 )
                 att_id = int(cur.lastrowid or 0)
@@ -361,7 +363,7 @@ class SqliteStore:
         def go() -> AttestationRecord | None:
             row = self.db.execute(
                 "SELECT id, device_id, at_ms, status, failures, warnings, trust_vector,"
-                " policy_name, policy_version, clock, pcrs, credential_expires_at_ms"
+                " policy_name, policy_version, clock, pcrs, credential_expires_at_ms, boot_state"
                 " FROM attestations WHERE device_id = ? ORDER BY id DESC LIMIT 1",
                 (device_id,),
             ).fetchone()
@@ -380,6 +382,7 @@ class SqliteStore:
                 pcrs=json.loads(row[10]),
                 credential_expires_at_ms=row[11],
                 attestation_id=row[0],
+                boot_state=json.loads(row[12]) if row[12] else None,
             )
 
         return self._run(go)

@@ -298,14 +298,17 @@ def test_log_structure_as_tpm2_eventlog_decodes_it(good, tmp_path):
         assert e["Event"]["LengthOfDevicePath"] == len(dp)
         assert dp.endswith((path + "\0").encode("utf-16-le") + b"\x7f\xff\x04\x00")
 
-    # grub: string with NUL in the log, digest of the string without it.
+    # grub: "prefix: text" with NUL in the log, digest of the text after the prefix (as GRUB).
     _, records_ = records(log)
     for i, text in (
         (21, "grub_cmd: linux /vmlinuz-6.1.0-sim root=/dev/sda1 ro quiet"),
         (24, "kernel_cmdline: /vmlinuz-6.1.0-sim root=/dev/sda1 ro quiet"),
     ):
         assert records_[i][2] == text.encode() + b"\0"
-        assert events[i]["Digests"][1]["Digest"] == hashlib.sha256(text.encode()).hexdigest()
+        assert (
+            events[i]["Digests"][1]["Digest"]
+            == hashlib.sha256(text.split(": ", 1)[1].encode()).hexdigest()
+        )
     assert [events[i]["Event"] for i in (9, 26, 27)] == [
         "Calling EFI Application from Boot Option",
         "Exit Boot Services Invocation",
