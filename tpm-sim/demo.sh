@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The boot story, told with a simulated TPM and attestd on its embedded SQLite store:
-# enroll -> golden capture -> attest (AFFIRMING, credential) -> tampered boot -> CONTRAINDICATED.
+# enroll -> golden capture -> attest with the boot event log (AFFIRMING, credential)
+# -> tampered boots -> CONTRAINDICATED, naming what changed.
 # Run through `make demo`, which installs everything first. Exits 0 only if the story
 # went as it should; stops every process it started.
 set -euo pipefail
@@ -53,19 +54,36 @@ done
 echo "attestd listening on $server"
 agent=(attestd-agent --server "$server" --tcti "$tcti" --state-dir "$demo/agent")
 
-step "3. The machine boots (firmware, shim, grub, kernel measured into PCRs 0-9)"
-"$here/boot.sh" --tcti "$tcti" | awk -F'\t' '{printf "  PCR %-2s %s\n", $1, $4}'
+bootsim() { "$py" "$here/bootsim.py" --tcti "$tcti" --cache-dir "$demo" "$@"; }
+
+step "3. The machine boots: UEFI Secure Boot, shim, grub, Linux; each step measured and logged"
+bootsim --log "$demo/boot-good.log" | awk -F'\t' '{printf "  PCR %-2s %-34s %s\n", $1, $2, $3}'
+echo "boot state the log shows (attestd eventlog state):"
+attestd eventlog state "$demo/boot-good.log" --json | "$py" -c '
+import json, sys
+s = json.load(sys.stdin)
+print("  Secure Boot:", "enabled" if s["secure_boot"] else "disabled")
+print("  boot applications:", ", ".join(a["path"] or a["digest"][:12] for a in s["boot_applications"]))
+print("  kernel command line:", s["kernel_cmdlines"][0]["text"] if s["kernel_cmdlines"] else "-")
+print("  dbx revocations:", len(s["dbx"]["hashes"]) if s["dbx"] else 0)'
 
 step "4. The device enrolls: EK certificate chain checked, AK proven to live in the same TPM"
 "${agent[@]}" enroll
 device_id=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["device_id"])' "$demo/agent/device.json")
 
-step "5. The policy author captures the golden values from this known-good boot"
+step "5. The policy author captures the golden values from this known-good boot, adds boot rules"
 "${agent[@]}" capture --name default --pcrs sha256:0-9 --output "$demo/golden.yaml"
+cat >>"$demo/golden.yaml" <<'EOF'
+eventlog:
+  require_secure_boot: true
+  kernel_cmdline:
+    regex: ['/vmlinuz-\S+ root=/dev/sda1 ro( quiet)?']
+EOF
+sed -n '/^eventlog:/,$p' "$demo/golden.yaml" | sed 's/^/  /'
 attestd policy put "$demo/golden.yaml" --server "$server"
 
 step "6. The device attests its boot: nonce -> TPM quote -> verdict"
-"${agent[@]}" attest --json >"$demo/attest-good.json" || true
+"${agent[@]}" attest --event-log "$demo/boot-good.log" --json >"$demo/attest-good.json" || true
 "$py" - "$demo/attest-good.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -77,22 +95,36 @@ print("session credential (EAR JWT, ES256), decoded:")
 print(json.dumps(r["credential_claims"], indent=2))
 EOF
 
-step "7. Someone swaps the kernel: the next boot measures one extra event into PCR 4"
+# attest_expect LOG OUTFILE PATTERN...: attest with LOG; it must be refused with no
+# credential, and the output must name every PATTERN.
+attest_expect() {
+  local log=$1 out=$2; shift 2
+  set +e
+  "${agent[@]}" attest --event-log "$log" --credential-out "$out.jwt" | tee "$out"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  [ "$rc" -eq 1 ] && grep -q CONTRAINDICATED "$out" && [ ! -e "$out.jwt" ] \
+    || { echo "demo: expected CONTRAINDICATED and no credential" >&2; exit 1; }
+  for pattern in "$@"; do
+    grep -q -- "$pattern" "$out" || { echo "demo: expected the verdict to name $pattern" >&2; exit 1; }
+  done
+}
+
+step "7. Someone slips one extra, unlogged measurement into PCR 4 (code the log does not admit)"
 "$here/powercycle.sh" --state "$demo/tpm"
-"$here/boot.sh" --tcti "$tcti" --tamper | tail -n 1 | awk -F'\t' '{printf "  PCR %-2s %s  <- the extra one\n", $1, $4}'
+bootsim --log "$demo/boot-unlogged.log" --tamper unlogged >/dev/null
+echo "  the TPM saw one extend more than the event log records"
 
 step "8. The device attests again"
-set +e
-"${agent[@]}" attest --credential-out "$demo/credential-after-tamper.jwt" | tee "$demo/attest-bad.txt"
-rc=${PIPESTATUS[0]}
-set -e
-if [ "$rc" -ne 1 ] || ! grep -q "CONTRAINDICATED" "$demo/attest-bad.txt" \
-   || ! grep -q "pcr\[sha256:4\]" "$demo/attest-bad.txt" || [ -e "$demo/credential-after-tamper.jwt" ]; then
-  echo "demo: expected CONTRAINDICATED naming PCR 4 and no credential" >&2
-  exit 1
-fi
+attest_expect "$demo/boot-unlogged.log" "$demo/attest-unlogged.txt" \
+  "PCR_VALUE_NOT_ALLOWED pcr\[sha256:4\]" "EVENTLOG_REPLAY_MISMATCH pcr\[sha256:4\]"
+
+step "8b. Another boot: Secure Boot switched off in firmware setup"
+"$here/powercycle.sh" --state "$demo/tpm"
+bootsim --log "$demo/boot-sb-off.log" --tamper secureboot-off >/dev/null
+attest_expect "$demo/boot-sb-off.log" "$demo/attest-sb-off.txt" "SECURE_BOOT_DISABLED"
 
 step "9. What attestd remembers about the device"
 attestd device show "$device_id" --server "$server"
 
-printf '\n\033[1mDemo complete:\033[0m the good boot was AFFIRMING with a credential; the tampered boot was CONTRAINDICATED on PCR 4 with none.\n'
+printf '\n\033[1mDemo complete:\033[0m the good boot was AFFIRMING with a credential; the tampered boots were CONTRAINDICATED (PCR 4 with its unlogged extend; Secure Boot off) with none.\n'
