@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from attestd import policycli
 from attestd.core.ear import decode_unverified
 from attestd.core.errors import EvidenceError
 from attestd.core.quote import appraise_quote, parse_evidence
@@ -92,57 +93,6 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     return grpc.insecure_channel(args.server)
 
 
-def cmd_policy_put(args: argparse.Namespace) -> int:
-    from attestd.v1 import policy_pb2, policy_pb2_grpc
-
-    text = _read(args.file, "policy file").decode("utf-8", errors="replace")
-    with _channel(args) as ch:
-        info = policy_pb2_grpc.PolicyStub(ch).PutPolicy(policy_pb2.PutPolicyRequest(document=text))
-    print(f"published policy {info.name}@{info.version} (sha256 {info.digest[:16]}…)")
-    return EXIT_OK
-
-
-def cmd_policy_get(args: argparse.Namespace) -> int:
-    from attestd.v1 import policy_pb2, policy_pb2_grpc
-
-    with _channel(args) as ch:
-        doc = policy_pb2_grpc.PolicyStub(ch).GetPolicy(policy_pb2.GetPolicyRequest(name=args.name))
-    if args.json:
-        print(json.dumps(json.loads(doc.document), indent=2, sort_keys=True))
-    else:
-        print(f"# {doc.info.name}@{doc.info.version} sha256:{doc.info.digest}")
-        import yaml
-
-        print(yaml.safe_dump(json.loads(doc.document), sort_keys=False), end="")
-    return EXIT_OK
-
-
-def cmd_policy_list(args: argparse.Namespace) -> int:
-    from attestd.v1 import policy_pb2, policy_pb2_grpc
-
-    with _channel(args) as ch:
-        resp = policy_pb2_grpc.PolicyStub(ch).ListPolicies(policy_pb2.ListPoliciesRequest())
-    if args.json:
-        print(
-            json.dumps(
-                [
-                    {
-                        "name": p.name,
-                        "version": p.version,
-                        "digest": p.digest,
-                        "created_at_ms": p.created_at_ms,
-                    }
-                    for p in resp.policies
-                ],
-                indent=2,
-            )
-        )
-        return EXIT_OK
-    for p in resp.policies:
-        print(f"{p.name}@{p.version}\t{p.digest[:16]}")
-    return EXIT_OK
-
-
 def cmd_device_show(args: argparse.Namespace) -> int:
     from google.protobuf.json_format import MessageToDict
 
@@ -159,6 +109,13 @@ def cmd_device_show(args: argparse.Namespace) -> int:
     print(f"TPM         {info.tpm_manufacturer} {info.tpm_model} {info.tpm_version}")
     print(f"EK issuer   {info.ek_cert_issuer} serial {info.ek_cert_serial}")
     print(f"AK name     {info.ak_name}")
+    print(f"group       {info.group or '(none)'} ({info.group_source})")
+    effective = (
+        f"{info.effective_policy_name}@{info.effective_policy_version}"
+        if info.effective_policy_name
+        else "(none: attestation is refused until one exists)"
+    )
+    print(f"policy      {effective}")
     if info.HasField("latest_verdict"):
         v = info.latest_verdict
         print(
@@ -464,22 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-policy", help="policy for devices with none assigned ('default')")
     s.set_defaults(func=cmd_serve)
 
-    pol = sub.add_parser("policy", help="reference-value policies").add_subparsers(
-        dest="policy_command", required=True
-    )
-    for name, func, helptext in (
-        ("put", cmd_policy_put, "publish a policy file (YAML or JSON)"),
-        ("get", cmd_policy_get, "show a policy (NAME or NAME@VERSION)"),
-        ("list", cmd_policy_list, "list policies"),
-    ):
-        c = pol.add_parser(name, help=helptext)
-        c.add_argument("--server", default=DEFAULT_SERVER)
-        c.add_argument("--json", action="store_true")
-        if name == "put":
-            c.add_argument("file")
-        elif name == "get":
-            c.add_argument("name")
-        c.set_defaults(func=func)
+    policycli.register(sub, DEFAULT_SERVER)
 
     dev = sub.add_parser("device", help="enrolled devices").add_subparsers(
         dest="device_command", required=True
@@ -565,6 +507,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except CliError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return e.exit_code
+    except policycli.UsageError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except grpc.RpcError as e:
         err = _rpc_error(e)
         print(f"{parser.prog}: {err}", file=sys.stderr)

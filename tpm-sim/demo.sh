@@ -80,7 +80,7 @@ eventlog:
     regex: ['/vmlinuz-\S+ root=/dev/sda1 ro( quiet)?']
 EOF
 sed -n '/^eventlog:/,$p' "$demo/golden.yaml" | sed 's/^/  /'
-attestd policy put "$demo/golden.yaml" --server "$server"
+attestd policy put "$demo/golden.yaml" -m "golden values of the lab reference machine" --server "$server"
 
 step "6. The device attests its boot: nonce -> TPM quote -> verdict"
 "${agent[@]}" attest --event-log "$demo/boot-good.log" --json >"$demo/attest-good.json" || true

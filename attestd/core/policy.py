@@ -132,6 +132,11 @@ class Policy:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()
 
 
+def valid_name(name: str) -> bool:
+    """Policy and group names: 1-64 of letters, digits, '.', '_', '-' (not starting with those)."""
+    return bool(_NAME_RE.fullmatch(name))
+
+
 def load_policy_text(text: str, limits: Limits = DEFAULT_LIMITS) -> Policy:
     """Parse and validate a policy document given as YAML or JSON text."""
     if len(text.encode()) > limits.max_policy_size:
@@ -286,3 +291,55 @@ def _digests(raw: object, bank: Bank, where: str, limits: Limits) -> frozenset[b
             )
         out.add(bytes.fromhex(text))
     return frozenset(out)
+
+
+@dataclass(frozen=True)
+class PcrChange:
+    bank: Bank
+    index: int
+    added: tuple[bytes, ...]  # allowed in the newer policy only
+    removed: tuple[bytes, ...]  # allowed in the older policy only
+
+
+@dataclass(frozen=True)
+class SettingChange:
+    field: str  # dotted path in the policy document
+    before: Any  # JSON-able value, None when absent
+    after: Any
+
+
+def diff_policies(old: Policy, new: Policy) -> tuple[list[PcrChange], list[SettingChange]]:
+    """What changed from ``old`` to ``new``: digests per bank and PCR, then every other setting.
+
+    A PCR present in only one of them shows all its digests as added or removed.
+    """
+    pcr_changes: list[PcrChange] = []
+    banks = sorted(set(old.pcrs) | set(new.pcrs), key=lambda b: b.alg.value)
+    for bank in banks:
+        before_bank, after_bank = old.pcrs.get(bank, {}), new.pcrs.get(bank, {})
+        for index in sorted(set(before_bank) | set(after_bank)):
+            before = before_bank.get(index, frozenset())
+            after = after_bank.get(index, frozenset())
+            if before != after:
+                pcr_changes.append(
+                    PcrChange(
+                        bank, index, tuple(sorted(after - before)), tuple(sorted(before - after))
+                    )
+                )
+    settings: list[SettingChange] = []
+    flat_old, flat_new = _settings(old), _settings(new)
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if flat_old.get(key) != flat_new.get(key):
+            settings.append(SettingChange(key, flat_old.get(key), flat_new.get(key)))
+    return pcr_changes, settings
+
+
+def _settings(policy: Policy) -> dict[str, Any]:
+    flat: dict[str, Any] = {"description": policy.description, "allow_sha1": policy.allow_sha1}
+    for key, value in policy.eventlog.to_document().items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"eventlog.{key}.{sub}"] = subvalue
+        else:
+            flat[f"eventlog.{key}"] = value
+    return flat

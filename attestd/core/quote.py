@@ -98,6 +98,8 @@ class Appraisal:
     accepted_clock: ClockState | None
     # The boot state the event log shows (when a log was sent and agreed with the quote).
     boot_state: dict[str, Any] | None = None
+    # Whether the signature vouches for the submitted PCR values.
+    values_verified: bool = False
 
 
 def parse_evidence(
@@ -367,39 +369,13 @@ def appraise_quote(
         # Unverified values say nothing about configuration or code.
         tv = replace(tv, configuration=v.NO_CLAIM, executables=v.NO_CLAIM)
 
-    # 5. Reference values (only over values the signature vouches for).
-    if policy is not None and values_trusted:
-        for bank, refs in sorted(policy.pcrs.items(), key=lambda kv: kv[0].alg.value):
-            for index, allowed in sorted(refs.items()):
-                got = evidence.pcrs.get(bank, {}).get(index)
-                if got is None or got in allowed:
-                    # Unquoted PCRs were already reported as a selection mismatch.
-                    continue
-                failures.append(
-                    Failure(
-                        Code.PCR_VALUE_NOT_ALLOWED,
-                        f"pcr[{bank.value}:{index}]",
-                        " | ".join(sorted(d.hex() for d in allowed)),
-                        got.hex(),
-                        f"PCR {index} ({bank.value}) is not among the policy's reference values",
-                    )
-                )
-                if index in CONFIG_PCRS:
-                    tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
-                else:
-                    tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
-
-    # 5b. The boot event log against the signed values, its events, the policy's rules.
+    # 5. Reference values and the boot event log (only over values the signature vouches for).
     boot_state = None
     if policy is not None and values_trusted:
-        boot = appraise_boot(event_log, evidence.pcrs, policy.eventlog)
-        for f in boot.failures:
-            failures.append(f)
-            if f.code in CONFIGURATION_CODES:
-                tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
-            else:
-                tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
-        boot_state = boot.state
+        measured = appraise_values(policy, evidence.pcrs, event_log)
+        failures.extend(measured.failures)
+        tv = tv.worse(**measured.claims)
+        boot_state = measured.boot_state
 
     # 6. Clock and firmware against the last accepted quote.
     ci = attest.clock_info
@@ -430,7 +406,57 @@ def appraise_quote(
                 )
             )
             tv = tv.worse(hardware=v.UNSAFE_HARDWARE)
-    return _done(evidence, tv, failures, warnings, policy, now_ms, boot_state)
+    return _done(evidence, tv, failures, warnings, policy, now_ms, boot_state, values_trusted)
+
+
+@dataclass(frozen=True)
+class ValuesAppraisal:
+    failures: tuple[Failure, ...]
+    claims: dict[str, int]  # trust-vector claims the failures lower
+    boot_state: dict[str, Any] | None
+
+
+def appraise_values(policy: Policy, pcrs: PcrValues, event_log: EventLog | None) -> ValuesAppraisal:
+    """Judge PCR values the caller already trusts against a policy.
+
+    Reference digests per PCR, then the boot event log (measuredboot.appraise_boot).
+    Used by appraise_quote on signature-verified values, and by dry-runs on a
+    device's stored, verified evidence.
+    """
+    failures: list[Failure] = []
+    tv = TrustVector()
+    for bank, refs in sorted(policy.pcrs.items(), key=lambda kv: kv[0].alg.value):
+        for index, allowed in sorted(refs.items()):
+            got = pcrs.get(bank, {}).get(index)
+            if got is None or got in allowed:
+                # An unquoted PCR is a selection mismatch, reported by the caller.
+                continue
+            failures.append(
+                Failure(
+                    Code.PCR_VALUE_NOT_ALLOWED,
+                    f"pcr[{bank.value}:{index}]",
+                    " | ".join(sorted(d.hex() for d in allowed)),
+                    got.hex(),
+                    f"PCR {index} ({bank.value}) is not among the policy's reference values",
+                )
+            )
+            if index in CONFIG_PCRS:
+                tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
+            else:
+                tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
+    boot = appraise_boot(event_log, pcrs, policy.eventlog)
+    for f in boot.failures:
+        failures.append(f)
+        if f.code in CONFIGURATION_CODES:
+            tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
+        else:
+            tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
+    claims = {
+        name: getattr(tv, name)
+        for name in ("configuration", "executables")
+        if getattr(tv, name) != v.NO_CLAIM
+    }
+    return ValuesAppraisal(tuple(failures), claims, boot.state)
 
 
 def _clock_failure(prev: ClockState, attest: Attest) -> Failure | None:
@@ -471,6 +497,7 @@ def _done(
     policy: Policy | None,
     now_ms: int,
     boot_state: dict[str, Any] | None = None,
+    values_verified: bool = False,
 ) -> Appraisal:
     status = tv.status
     if failures and status is not v.Status.CONTRAINDICATED:
@@ -486,5 +513,9 @@ def _done(
     )
     accepted = status in (v.Status.AFFIRMING, v.Status.WARNING)
     return Appraisal(
-        verdict, evidence, ClockState.of(evidence.attest) if accepted else None, boot_state
+        verdict,
+        evidence,
+        ClockState.of(evidence.attest) if accepted else None,
+        boot_state,
+        values_verified,
     )

@@ -14,9 +14,10 @@ from attestd.core.eventlog import parse_event_log
 from attestd.core.quote import Appraisal, ClockState, appraise_quote, parse_evidence
 from attestd.core.tpm import Bank
 from attestd.core.verdict import Claim, Failure, Verdict
+from attestd.service.effective import effective_policy
 from attestd.service.errors import ServiceError
 from attestd.service.state import ServiceState, cached_public
-from attestd.store.base import AttestationRecord, NonceGrant, NotFound
+from attestd.store.base import AttestationRecord, NonceGrant
 from attestd.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 
 log = logging.getLogger("attestd.attestation")
@@ -31,7 +32,7 @@ _STATUS = {
 }
 
 
-def _failure_pb(f: Failure) -> common_pb2.Failure:
+def failure_pb(f: Failure) -> common_pb2.Failure:
     return common_pb2.Failure(
         code=f.code.value, subject=f.subject, expected=f.expected, got=f.got, detail=f.detail
     )
@@ -44,8 +45,8 @@ def verdict_pb(verdict: Verdict, device_id: str) -> common_pb2.Verdict:
         trust_vector=common_pb2.TrustVector(
             **{claim.name.lower(): getattr(tv, claim.name.lower()) for claim in Claim}
         ),
-        failures=[_failure_pb(f) for f in verdict.failures],
-        warnings=[_failure_pb(f) for f in verdict.warnings],
+        failures=[failure_pb(f) for f in verdict.failures],
+        warnings=[failure_pb(f) for f in verdict.warnings],
         device_id=device_id,
         policy_name=verdict.policy_name,
         policy_version=verdict.policy_version,
@@ -67,16 +68,20 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
     ) -> attestation_pb2.GetNonceResponse:
         _require_device_id(request.device_id)
         store = self.s.store.store
-        await self.s.store(store.get_device, request.device_id)
-        try:
-            record = await self.s.store(store.get_policy, self.s.config.default_policy)
-        except NotFound:
+        device = await self.s.store(store.get_device, request.device_id)
+        choice, record = await effective_policy(self.s, device)
+        if record is None:
+            where = (
+                f"its group {choice.group!r} names a policy that does not exist"
+                if choice.group
+                else f"it is in no group and the default policy {self.s.config.default_policy!r}"
+                " does not exist yet"
+            )
             raise ServiceError(
-                f"no policy applies to this device (the default policy "
-                f"{self.s.config.default_policy!r} does not exist yet)",
+                f"no policy applies to this device: {where}",
                 "NO_POLICY",
                 grpc.StatusCode.FAILED_PRECONDITION,
-            ) from None
+            )
         policy = self.s.policy_of(record)
         nonce = secrets.token_bytes(NONCE_SIZE)
         grant = NonceGrant(
@@ -153,7 +158,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             response.credential_expires_at_ms = expires_ms = cred.expires_at_ms
         await self.s.store(
             store.record_attestation,
-            _record(device.device_id, verdict, appraisal, expires_ms),
+            _record(device.device_id, verdict, appraisal, expires_ms, bytes(request.event_log)),
             _clock_dict(appraisal.accepted_clock),
         )
         log.info(
@@ -177,7 +182,7 @@ def _clock_dict(state: ClockState | None) -> dict[str, int] | None:
 
 
 def _record(
-    device_id: str, verdict: Verdict, appraisal: Appraisal, expires_ms: int
+    device_id: str, verdict: Verdict, appraisal: Appraisal, expires_ms: int, event_log: bytes
 ) -> AttestationRecord:
     attest = appraisal.evidence.attest
     return AttestationRecord(
@@ -196,6 +201,8 @@ def _record(
         },
         credential_expires_at_ms=expires_ms,
         boot_state=appraisal.boot_state,
+        values_verified=appraisal.values_verified,
+        event_log=event_log,
     )
 
 

@@ -32,6 +32,8 @@ class ServerConfig:
     challenge_ttl_s: int = 300
     credential_lifetime_s: int = 3600
     default_policy: str = "default"
+    # Devices no group claims (by id or rule) belong to this group, if it exists.
+    default_group: str = "default"
     max_message_bytes: int = 2 * 1024 * 1024
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
 

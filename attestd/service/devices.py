@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from attestd.service.attestation import record_verdict_pb
+from attestd.service.effective import effective_policy
 from attestd.service.errors import ServiceError
 from attestd.service.state import ServiceState
 from attestd.v1 import enrollment_pb2, enrollment_pb2_grpc
@@ -37,4 +38,10 @@ class DevicesService(enrollment_pb2_grpc.DevicesServicer):
         if latest is not None:
             info.latest_verdict.CopyFrom(record_verdict_pb(latest))
             info.credential_expires_at_ms = latest.credential_expires_at_ms
+        choice, policy = await effective_policy(self.s, device)
+        info.group = choice.group or ""
+        info.group_source = choice.source
+        if policy is not None:
+            info.effective_policy_name = policy.name
+            info.effective_policy_version = policy.version
         return info

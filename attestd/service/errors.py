@@ -35,6 +35,7 @@ class ServiceError(Exception):
             self.status = status
 
 
+_IN_USE_CODES = frozenset({"POLICY_IN_USE", "GROUP_IN_USE"})
 _PERMISSION_CODES = frozenset(
     {"EK_CHAIN_UNTRUSTED", "ACTIVATION_SECRET_MISMATCH", "DEVICE_EK_MISMATCH"}
 )
@@ -60,11 +61,12 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     if isinstance(exc, Rejected):
         return grpc.StatusCode.FAILED_PRECONDITION, exc.code, str(exc)
     if isinstance(exc, Conflict):
-        status = (
-            grpc.StatusCode.PERMISSION_DENIED
-            if exc.code in _PERMISSION_CODES
-            else grpc.StatusCode.ALREADY_EXISTS
-        )
+        if exc.code in _PERMISSION_CODES:
+            status = grpc.StatusCode.PERMISSION_DENIED
+        elif exc.code in _IN_USE_CODES:
+            status = grpc.StatusCode.FAILED_PRECONDITION
+        else:
+            status = grpc.StatusCode.ALREADY_EXISTS
         return status, exc.code, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, exc.code, "the store failed; retry later"

@@ -28,9 +28,9 @@ class StoreRunner:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attestd-store")
 
-    async def __call__(self, fn: Callable[..., T], *args: object) -> T:
+    async def __call__(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -86,6 +86,32 @@ class PolicyRecord:
     document: dict[str, Any]
     digest: str
     created_at_ms: int
+    author: str = ""
+    change_note: str = ""
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    name: str
+    description: str
+    policy_name: str
+    policy_version: int  # 0: follow the latest version
+    rules: list[dict[str, str]]  # each: ek_cert_issuer / tpm_manufacturer / tpm_model to match
+    device_ids: tuple[str, ...]  # assigned by id
+    created_at_ms: int
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A device's latest attestation evidence, for golden capture and dry-runs."""
+
+    device_id: str
+    attestation_id: int
+    at_ms: int
+    status: str
+    values_verified: bool
+    pcrs: dict[str, dict[str, str]]  # bank -> index -> hex
+    event_log: bytes
 
 
 @dataclass(frozen=True)
@@ -104,6 +130,10 @@ class AttestationRecord:
     attestation_id: int | None = None
     # What the boot event log showed, when one was sent and agreed with the quote.
     boot_state: dict[str, Any] | None = None
+    # Whether the signature vouched for `pcrs` (else they are whatever the caller sent).
+    values_verified: bool = False
+    # The event log sent with the quote (kept for the device's latest attestation only).
+    event_log: bytes = b""
 
 
 class Store(Protocol):
@@ -123,11 +153,31 @@ class Store(Protocol):
     ) -> int: ...
     def latest_attestation(self, device_id: str) -> AttestationRecord | None: ...
 
-    # Policies.
+    # Policies (versions are immutable; delete hides every version of a name).
     def put_policy(
-        self, name: str, document: dict[str, Any], digest: str, now_ms: int
+        self,
+        name: str,
+        document: dict[str, Any],
+        digest: str,
+        now_ms: int,
+        author: str = "",
+        change_note: str = "",
     ) -> PolicyRecord: ...
     def get_policy(self, name: str, version: int | None = None) -> PolicyRecord: ...
     def list_policies(self) -> list[PolicyRecord]: ...
+    def policy_history(self, name: str) -> list[PolicyRecord]: ...
+    def delete_policy(self, name: str, now_ms: int) -> None: ...
+
+    # Device groups.
+    def put_group(self, group: GroupRecord, *, create: bool) -> GroupRecord: ...
+    def get_group(self, name: str) -> GroupRecord: ...
+    def list_groups(self) -> list[GroupRecord]: ...
+    def delete_group(self, name: str) -> None: ...
+    def assign_devices(self, group: str, device_ids: list[str]) -> GroupRecord: ...
+    def assigned_group(self, device_id: str) -> str | None: ...
+
+    # Latest evidence per device.
+    def latest_evidence(self, device_id: str) -> Evidence | None: ...
+    def all_evidence(self) -> list[tuple[Device, Evidence | None]]: ...
 
     def close(self) -> None: ...

@@ -22,6 +22,8 @@ from attestd.store.base import (
     Challenge,
     Conflict,
     Device,
+    Evidence,
+    GroupRecord,
     NonceGrant,
     NotFound,
     PolicyRecord,
@@ -93,8 +95,42 @@ _SCHEMA: dict[str, tuple[dict[str, Any], str | tuple[str, ...]]] = {
         "id",
     ),
     "policies": (
-        {"name": str, "version": int, "document": str, "digest": str, "created_at_ms": int},
+        {
+            "name": str,
+            "version": int,
+            "document": str,
+            "digest": str,
+            "created_at_ms": int,
+            "author": str,
+            "change_note": str,
+            "deleted_at_ms": int,
+        },
         ("name", "version"),
+    ),
+    "groups": (
+        {
+            "name": str,
+            "description": str,
+            "policy_name": str,
+            "policy_version": int,
+            "rules": str,
+            "created_at_ms": int,
+        },
+        "name",
+    ),
+    "group_members": ({"device_id": str, "group_name": str}, "device_id"),
+    # The latest evidence of each device (one row per device, replaced on each attestation).
+    "evidence": (
+        {
+            "device_id": str,
+            "attestation_id": int,
+            "at_ms": int,
+            "status": str,
+            "values_verified": int,
+            "pcrs": str,
+            "event_log": bytes,
+        },
+        "device_id",
     ),
 }
 
@@ -345,6 +381,19 @@ class SqliteStore:
                     ),
                 )
                 att_id = int(cur.lastrowid or 0)
+                c.execute(
+                    "INSERT OR REPLACE INTO evidence (device_id, attestation_id, at_ms, status,"
+                    " values_verified, pcrs, event_log) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        record.device_id,
+                        att_id,
+                        record.at_ms,
+                        record.status,
+                        int(record.values_verified),
+                        json.dumps(record.pcrs),
+                        record.event_log,
+                    ),
+                )
                 if accepted_clock is not None:
                     c.execute(
                         "UPDATE devices SET last_attestation_id = ?, clock = ? WHERE device_id = ?",
@@ -389,26 +438,50 @@ class SqliteStore:
 
     # -- policies --------------------------------------------------------
 
+    @staticmethod
+    def _policy(row: Any) -> PolicyRecord:
+        return PolicyRecord(
+            row[0], row[1], json.loads(row[2]), row[3], row[4], row[5] or "", row[6] or ""
+        )
+
     def put_policy(
-        self, name: str, document: dict[str, Any], digest: str, now_ms: int
+        self,
+        name: str,
+        document: dict[str, Any],
+        digest: str,
+        now_ms: int,
+        author: str = "",
+        change_note: str = "",
     ) -> PolicyRecord:
         def go() -> PolicyRecord:
             with self._tx() as c:
-                row = c.execute(
-                    "SELECT version, digest, created_at_ms FROM policies WHERE name = ?"
-                    " ORDER BY version DESC LIMIT 1",
+                latest = c.execute(
+                    "SELECT name, version, document, digest, created_at_ms, author, change_note"
+                    " FROM policies WHERE name = ?"
+                    " AND deleted_at_ms IS NULL ORDER BY version DESC LIMIT 1",
                     (name,),
                 ).fetchone()
-                if row is not None and row[1] == digest:
+                if latest is not None and latest[3] == digest:
                     # Publishing the same content again is a no-op, not a new version.
-                    return PolicyRecord(name, row[0], document, digest, row[2])
-                version = 1 if row is None else row[0] + 1
+                    return self._policy(latest)
+                (top,) = c.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM policies WHERE name = ?", (name,)
+                ).fetchone()
+                version = top + 1  # numbers are never reused, even after a delete
                 c.execute(
-                    "INSERT INTO policies (name, version, document, digest, created_at_ms)"
-                    " VALUES (?,?,?,?,?)",
-                    (name, version, json.dumps(document, sort_keys=True), digest, now_ms),
+                    "INSERT INTO policies (name, version, document, digest, created_at_ms, author,"
+                    " change_note, deleted_at_ms) VALUES (?,?,?,?,?,?,?,NULL)",
+                    (
+                        name,
+                        version,
+                        json.dumps(document, sort_keys=True),
+                        digest,
+                        now_ms,
+                        author,
+                        change_note,
+                    ),
                 )
-                return PolicyRecord(name, version, document, digest, now_ms)
+                return PolicyRecord(name, version, document, digest, now_ms, author, change_note)
 
         return self._run(go)
 
@@ -416,30 +489,256 @@ class SqliteStore:
         def go() -> PolicyRecord:
             if version is None:
                 row = self.db.execute(
-                    "SELECT name, version, document, digest, created_at_ms FROM policies"
-                    " WHERE name = ? ORDER BY version DESC LIMIT 1",
+                    "SELECT name, version, document, digest, created_at_ms, author, change_note"
+                    " FROM policies WHERE name = ?"
+                    " AND deleted_at_ms IS NULL ORDER BY version DESC LIMIT 1",
                     (name,),
                 ).fetchone()
             else:
                 row = self.db.execute(
-                    "SELECT name, version, document, digest, created_at_ms FROM policies"
-                    " WHERE name = ? AND version = ?",
+                    "SELECT name, version, document, digest, created_at_ms, author, change_note"
+                    " FROM policies WHERE name = ? AND version = ?"
+                    " AND deleted_at_ms IS NULL",
                     (name, version),
                 ).fetchone()
             if row is None:
                 what = name if version is None else f"{name}@{version}"
                 raise NotFound(f"no policy {what!r}", "POLICY_UNKNOWN")
-            return PolicyRecord(row[0], row[1], json.loads(row[2]), row[3], row[4])
+            return self._policy(row)
 
         return self._run(go)
 
     def list_policies(self) -> list[PolicyRecord]:
         def go() -> list[PolicyRecord]:
             rows = self.db.execute(
-                "SELECT p.name, p.version, p.document, p.digest, p.created_at_ms FROM policies p"
-                " JOIN (SELECT name, MAX(version) AS v FROM policies GROUP BY name) m"
-                " ON p.name = m.name AND p.version = m.v ORDER BY p.name"
+                "SELECT p.name, p.version, p.document, p.digest, p.created_at_ms, p.author,"
+                " p.change_note FROM policies p"
+                " JOIN (SELECT name, MAX(version) AS v FROM policies WHERE deleted_at_ms IS NULL"
+                " GROUP BY name) m ON p.name = m.name AND p.version = m.v ORDER BY p.name"
             ).fetchall()
-            return [PolicyRecord(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+            return [self._policy(r) for r in rows]
 
         return self._run(go)
+
+    def policy_history(self, name: str) -> list[PolicyRecord]:
+        def go() -> list[PolicyRecord]:
+            rows = self.db.execute(
+                "SELECT name, version, document, digest, created_at_ms, author, change_note"
+                " FROM policies WHERE name = ?"
+                " AND deleted_at_ms IS NULL ORDER BY version",
+                (name,),
+            ).fetchall()
+            if not rows:
+                raise NotFound(f"no policy {name!r}", "POLICY_UNKNOWN")
+            return [self._policy(r) for r in rows]
+
+        return self._run(go)
+
+    def delete_policy(self, name: str, now_ms: int) -> None:
+        def go() -> None:
+            with self._tx() as c:
+                users = [
+                    r[0]
+                    for r in c.execute(
+                        "SELECT name FROM groups WHERE policy_name = ? ORDER BY name", (name,)
+                    )
+                ]
+                if users:
+                    raise Conflict(
+                        f"policy {name!r} is used by group(s) {', '.join(users)}", "POLICY_IN_USE"
+                    )
+                cur = c.execute(
+                    "UPDATE policies SET deleted_at_ms = ? WHERE name = ?"
+                    " AND deleted_at_ms IS NULL",
+                    (now_ms, name),
+                )
+                if cur.rowcount == 0:
+                    raise NotFound(f"no policy {name!r}", "POLICY_UNKNOWN")
+
+        self._run(go)
+
+    # -- device groups ---------------------------------------------------
+
+    def _group(self, c: Any, row: Any) -> GroupRecord:
+        members = [
+            r[0]
+            for r in c.execute(
+                "SELECT device_id FROM group_members WHERE group_name = ? ORDER BY device_id",
+                (row[0],),
+            )
+        ]
+        return GroupRecord(
+            row[0],
+            row[1] or "",
+            row[2],
+            row[3] or 0,
+            json.loads(row[4] or "[]"),
+            tuple(members),
+            row[5],
+        )
+
+    def _require_policy(self, c: Any, name: str, version: int) -> None:
+        if version:
+            row = c.execute(
+                "SELECT 1 FROM policies WHERE name = ? AND version = ? AND deleted_at_ms IS NULL",
+                (name, version),
+            ).fetchone()
+        else:
+            row = c.execute(
+                "SELECT 1 FROM policies WHERE name = ? AND deleted_at_ms IS NULL", (name,)
+            ).fetchone()
+        if row is None:
+            what = f"{name}@{version}" if version else name
+            raise NotFound(f"policy_name: no policy {what!r}", "POLICY_UNKNOWN")
+
+    def put_group(self, group: GroupRecord, *, create: bool) -> GroupRecord:
+        def go() -> GroupRecord:
+            with self._tx() as c:
+                exists = c.execute("SELECT 1 FROM groups WHERE name = ?", (group.name,)).fetchone()
+                if create and exists:
+                    raise Conflict(f"name: group {group.name!r} already exists", "GROUP_EXISTS")
+                if not create and not exists:
+                    raise NotFound(f"name: no group {group.name!r}", "GROUP_UNKNOWN")
+                self._require_policy(c, group.policy_name, group.policy_version)
+                values = (
+                    group.description,
+                    group.policy_name,
+                    group.policy_version,
+                    json.dumps(group.rules, sort_keys=True),
+                )
+                if create:
+                    c.execute(
+                        "INSERT INTO groups (name, description, policy_name, policy_version, rules,"
+                        " created_at_ms) VALUES (?,?,?,?,?,?)",
+                        (group.name, *values, group.created_at_ms),
+                    )
+                else:
+                    c.execute(
+                        "UPDATE groups SET description = ?, policy_name = ?, policy_version = ?,"
+                        " rules = ? WHERE name = ?",
+                        (*values, group.name),
+                    )
+                row = c.execute(
+                    "SELECT name, description, policy_name, policy_version, rules, created_at_ms"
+                    " FROM groups WHERE name = ?",
+                    (group.name,),
+                ).fetchone()
+                return self._group(c, row)
+
+        return self._run(go)
+
+    def get_group(self, name: str) -> GroupRecord:
+        def go() -> GroupRecord:
+            c = self.db.conn
+            row = c.execute(
+                "SELECT name, description, policy_name, policy_version, rules, created_at_ms"
+                " FROM groups WHERE name = ?",
+                (name,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no group {name!r}", "GROUP_UNKNOWN")
+            return self._group(c, row)
+
+        return self._run(go)
+
+    def list_groups(self) -> list[GroupRecord]:
+        def go() -> list[GroupRecord]:
+            c = self.db.conn
+            rows = c.execute(
+                "SELECT name, description, policy_name, policy_version, rules, created_at_ms"
+                " FROM groups ORDER BY name"
+            ).fetchall()
+            return [self._group(c, r) for r in rows]
+
+        return self._run(go)
+
+    def delete_group(self, name: str) -> None:
+        def go() -> None:
+            with self._tx() as c:
+                if c.execute("SELECT 1 FROM groups WHERE name = ?", (name,)).fetchone() is None:
+                    raise NotFound(f"no group {name!r}", "GROUP_UNKNOWN")
+                (members,) = c.execute(
+                    "SELECT COUNT(*) FROM group_members WHERE group_name = ?", (name,)
+                ).fetchone()
+                if members:
+                    raise Conflict(
+                        f"group {name!r} still has {members} assigned device(s)", "GROUP_IN_USE"
+                    )
+                c.execute("DELETE FROM groups WHERE name = ?", (name,))
+
+        self._run(go)
+
+    def assign_devices(self, group: str, device_ids: list[str]) -> GroupRecord:
+        def go() -> GroupRecord:
+            with self._tx() as c:
+                row = c.execute(
+                    "SELECT name, description, policy_name, policy_version, rules, created_at_ms"
+                    " FROM groups WHERE name = ?",
+                    (group,),
+                ).fetchone()
+                if row is None:
+                    raise NotFound(f"group: no group {group!r}", "GROUP_UNKNOWN")
+                for device_id in device_ids:
+                    if (
+                        c.execute(
+                            "SELECT 1 FROM devices WHERE device_id = ?", (device_id,)
+                        ).fetchone()
+                        is None
+                    ):
+                        # Raised inside the transaction: nothing is assigned.
+                        raise NotFound(
+                            f"device_ids: unknown device {device_id!r}", "DEVICE_UNKNOWN"
+                        )
+                c.executemany(
+                    "INSERT INTO group_members (device_id, group_name) VALUES (?, ?)"
+                    " ON CONFLICT(device_id) DO UPDATE SET group_name = excluded.group_name",
+                    [(d, group) for d in device_ids],
+                )
+                return self._group(c, row)
+
+        return self._run(go)
+
+    def assigned_group(self, device_id: str) -> str | None:
+        def go() -> str | None:
+            row = self.db.execute(
+                "SELECT group_name FROM group_members WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return self._run(go)
+
+    # -- latest evidence (for capture and dry-run) -----------------------
+
+    def latest_evidence(self, device_id: str) -> Evidence | None:
+        def go() -> Evidence | None:
+            row = self.db.execute(
+                "SELECT device_id, attestation_id, at_ms, status, values_verified, pcrs, event_log"
+                " FROM evidence WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
+            return None if row is None else _evidence(row)
+
+        return self._run(go)
+
+    def all_evidence(self) -> list[tuple[Device, Evidence | None]]:
+        """Every device with its latest evidence (None if it never attested), by id."""
+
+        def go() -> list[tuple[Device, Evidence | None]]:
+            ids = [
+                r[0] for r in self.db.execute("SELECT device_id FROM devices ORDER BY device_id")
+            ]
+            return [(self.get_device(i), self.latest_evidence(i)) for i in ids]
+
+        return self._run(go)
+
+
+def _evidence(row: Any) -> Evidence:
+    return Evidence(
+        device_id=row[0],
+        attestation_id=row[1],
+        at_ms=row[2],
+        status=row[3],
+        values_verified=bool(row[4]),
+        pcrs=json.loads(row[5]),
+        event_log=row[6] or b"",
+    )

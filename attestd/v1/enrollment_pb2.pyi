@@ -170,6 +170,10 @@ class DeviceInfo(_message.Message):
     TPM_VERSION_FIELD_NUMBER: _builtins.int
     LATEST_VERDICT_FIELD_NUMBER: _builtins.int
     CREDENTIAL_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    GROUP_SOURCE_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_POLICY_NAME_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_POLICY_VERSION_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     ek_fingerprint: _builtins.str
     """Hex SHA-256 of the EK's SubjectPublicKeyInfo."""
@@ -182,6 +186,14 @@ class DeviceInfo(_message.Message):
     tpm_model: _builtins.str
     tpm_version: _builtins.str
     credential_expires_at_ms: _builtins.int
+    group: _builtins.str
+    """The device group the device is in ("" if none), and why: "assigned" (by id),
+    "rule" (a group rule matched its enrollment facts) or "default" (the default group).
+    """
+    group_source: _builtins.str
+    effective_policy_name: _builtins.str
+    """The policy its next attestation will be appraised against."""
+    effective_policy_version: _builtins.int
     @_builtins.property
     def latest_verdict(self) -> _common_pb2.Verdict:
         """The latest appraisal, if the device has attested."""
@@ -201,10 +213,14 @@ class DeviceInfo(_message.Message):
         tpm_version: _builtins.str = ...,
         latest_verdict: _common_pb2.Verdict | None = ...,
         credential_expires_at_ms: _builtins.int = ...,
+        group: _builtins.str = ...,
+        group_source: _builtins.str = ...,
+        effective_policy_name: _builtins.str = ...,
+        effective_policy_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latest_verdict", b"latest_verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "latest_verdict", b"latest_verdict", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "effective_policy_name", b"effective_policy_name", "effective_policy_version", b"effective_policy_version", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "group", b"group", "group_source", b"group_source", "latest_verdict", b"latest_verdict", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,27 +22,76 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from attestd.v1 import common_pb2 as attestd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61ttestd/v1/policy.proto\x12\nattestd.v1\"$\n\x10PutPolicyRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\"R\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\" \n\x10GetPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x0ePolicyDocument\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.attestd.v1.PolicyInfo\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\"\x15\n\x13ListPoliciesRequest\"@\n\x14ListPoliciesResponse\x12(\n\x08policies\x18\x01 \x03(\x0b\x32\x16.attestd.v1.PolicyInfo2\xe5\x01\n\x06Policy\x12\x41\n\tPutPolicy\x12\x1c.attestd.v1.PutPolicyRequest\x1a\x16.attestd.v1.PolicyInfo\x12\x45\n\tGetPolicy\x12\x1c.attestd.v1.GetPolicyRequest\x1a\x1a.attestd.v1.PolicyDocument\x12Q\n\x0cListPolicies\x12\x1f.attestd.v1.ListPoliciesRequest\x1a .attestd.v1.ListPoliciesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61ttestd/v1/policy.proto\x12\nattestd.v1\x1a\x17\x61ttestd/v1/common.proto\"I\n\x10PutPolicyRequest\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x13\n\x0b\x63hange_note\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\"w\n\nPolicyInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x15\n\rcreated_at_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x05 \x01(\t\x12\x13\n\x0b\x63hange_note\x18\x06 \x01(\t\" \n\x10GetPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x0ePolicyDocument\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.attestd.v1.PolicyInfo\x12\x10\n\x08\x64ocument\x18\x02 \x01(\t\"\x15\n\x13ListPoliciesRequest\"@\n\x14ListPoliciesResponse\x12(\n\x08policies\x18\x01 \x03(\x0b\x32\x16.attestd.v1.PolicyInfo\"$\n\x14PolicyHistoryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"/\n\x13\x44iffPoliciesRequest\x12\x0c\n\x04\x66rom\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\"H\n\tPcrChange\x12\x0c\n\x04\x62\x61nk\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x03 \x03(\t\x12\x0f\n\x07removed\x18\x04 \x03(\t\"8\n\rSettingChange\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x0c\n\x04\x66rom\x18\x02 \x01(\t\x12\n\n\x02to\x18\x03 \x01(\t\"\xa8\x01\n\nPolicyDiff\x12$\n\x04\x66rom\x18\x01 \x01(\x0b\x32\x16.attestd.v1.PolicyInfo\x12\"\n\x02to\x18\x02 \x01(\x0b\x32\x16.attestd.v1.PolicyInfo\x12#\n\x04pcrs\x18\x03 \x03(\x0b\x32\x15.attestd.v1.PcrChange\x12+\n\x08settings\x18\x04 \x03(\x0b\x32\x19.attestd.v1.SettingChange\"J\n\x15RollbackPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63hange_note\x18\x02 \x01(\t\x12\x0e\n\x06\x61uthor\x18\x03 \x01(\t\"#\n\x13\x44\x65letePolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65letePolicyResponse\"T\n\x14\x43\x61pturePolicyRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1b\n\x13\x61llow_non_affirming\x18\x03 \x01(\x08\"q\n\x15\x43\x61pturePolicyResponse\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\x15\n\rsource_status\x18\x02 \x01(\t\x12\x1e\n\x16source_appraised_at_ms\x18\x03 \x01(\x03\x12\x0f\n\x07warning\x18\x04 \x01(\t\"T\n\x13\x44ryRunPolicyRequest\x12\x12\n\x08\x64ocument\x18\x01 \x01(\tH\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x12\r\n\x05group\x18\x03 \x01(\tB\x0b\n\tcandidate\"\x89\x01\n\x0c\x44ryRunDevice\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x16\n\x0e\x63urrent_status\x18\x03 \x01(\t\x12\x18\n\x10\x63\x61ndidate_status\x18\x04 \x01(\t\x12%\n\x08\x66\x61ilures\x18\x05 \x03(\x0b\x32\x13.attestd.v1.Failure\"x\n\x14\x44ryRunPolicyResponse\x12)\n\x07\x63hanged\x18\x01 \x03(\x0b\x32\x18.attestd.v1.DryRunDevice\x12\x11\n\tevaluated\x18\x02 \x01(\r\x12\x11\n\tunchanged\x18\x03 \x01(\r\x12\x0f\n\x07skipped\x18\x04 \x03(\t\"P\n\tGroupRule\x12\x16\n\x0e\x65k_cert_issuer\x18\x01 \x01(\t\x12\x18\n\x10tpm_manufacturer\x18\x02 \x01(\t\x12\x11\n\ttpm_model\x18\x03 \x01(\t\"\xbc\x01\n\x05Group\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\r\x12$\n\x05rules\x18\x05 \x03(\x0b\x32\x15.attestd.v1.GroupRule\x12\x12\n\ndevice_ids\x18\x06 \x03(\t\x12\x12\n\nis_default\x18\x07 \x01(\x08\x12\x15\n\rcreated_at_ms\x18\x08 \x01(\x03\"\x8a\x01\n\x12\x43reateGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\r\x12$\n\x05rules\x18\x05 \x03(\x0b\x32\x15.attestd.v1.GroupRule\"\x8a\x01\n\x12UpdateGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_name\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\r\x12$\n\x05rules\x18\x05 \x03(\x0b\x32\x15.attestd.v1.GroupRule\"\x1f\n\x0fGetGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11ListGroupsRequest\"7\n\x12ListGroupsResponse\x12!\n\x06groups\x18\x01 \x03(\x0b\x32\x11.attestd.v1.Group\"\"\n\x12\x44\x65leteGroupRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteGroupResponse\"9\n\x14\x41ssignDevicesRequest\x12\r\n\x05group\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\"9\n\x15\x41ssignDevicesResponse\x12 \n\x05group\x18\x01 \x01(\x0b\x32\x11.attestd.v1.Group2\xff\x08\n\x06Policy\x12\x41\n\tPutPolicy\x12\x1c.attestd.v1.PutPolicyRequest\x1a\x16.attestd.v1.PolicyInfo\x12\x45\n\tGetPolicy\x12\x1c.attestd.v1.GetPolicyRequest\x1a\x1a.attestd.v1.PolicyDocument\x12Q\n\x0cListPolicies\x12\x1f.attestd.v1.ListPoliciesRequest\x1a .attestd.v1.ListPoliciesResponse\x12S\n\rPolicyHistory\x12 .attestd.v1.PolicyHistoryRequest\x1a .attestd.v1.ListPoliciesResponse\x12G\n\x0c\x44iffPolicies\x12\x1f.attestd.v1.DiffPoliciesRequest\x1a\x16.attestd.v1.PolicyDiff\x12K\n\x0eRollbackPolicy\x12!.attestd.v1.RollbackPolicyRequest\x1a\x16.attestd.v1.PolicyInfo\x12Q\n\x0c\x44\x65letePolicy\x12\x1f.attestd.v1.DeletePolicyRequest\x1a .attestd.v1.DeletePolicyResponse\x12T\n\rCapturePolicy\x12 .attestd.v1.CapturePolicyRequest\x1a!.attestd.v1.CapturePolicyResponse\x12Q\n\x0c\x44ryRunPolicy\x12\x1f.attestd.v1.DryRunPolicyRequest\x1a .attestd.v1.DryRunPolicyResponse\x12@\n\x0b\x43reateGroup\x12\x1e.attestd.v1.CreateGroupRequest\x1a\x11.attestd.v1.Group\x12@\n\x0bUpdateGroup\x12\x1e.attestd.v1.UpdateGroupRequest\x1a\x11.attestd.v1.Group\x12:\n\x08GetGroup\x12\x1b.attestd.v1.GetGroupRequest\x1a\x11.attestd.v1.Group\x12K\n\nListGroups\x12\x1d.attestd.v1.ListGroupsRequest\x1a\x1e.attestd.v1.ListGroupsResponse\x12N\n\x0b\x44\x65leteGroup\x12\x1e.attestd.v1.DeleteGroupRequest\x1a\x1f.attestd.v1.DeleteGroupResponse\x12T\n\rAssignDevices\x12 .attestd.v1.AssignDevicesRequest\x1a!.attestd.v1.AssignDevicesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'attestd.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUTPOLICYREQUEST']._serialized_start=39
-  _globals['_PUTPOLICYREQUEST']._serialized_end=75
-  _globals['_POLICYINFO']._serialized_start=77
-  _globals['_POLICYINFO']._serialized_end=159
-  _globals['_GETPOLICYREQUEST']._serialized_start=161
-  _globals['_GETPOLICYREQUEST']._serialized_end=193
-  _globals['_POLICYDOCUMENT']._serialized_start=195
-  _globals['_POLICYDOCUMENT']._serialized_end=267
-  _globals['_LISTPOLICIESREQUEST']._serialized_start=269
-  _globals['_LISTPOLICIESREQUEST']._serialized_end=290
-  _globals['_LISTPOLICIESRESPONSE']._serialized_start=292
-  _globals['_LISTPOLICIESRESPONSE']._serialized_end=356
-  _globals['_POLICY']._serialized_start=359
-  _globals['_POLICY']._serialized_end=588
+  _globals['_PUTPOLICYREQUEST']._serialized_start=64
+  _globals['_PUTPOLICYREQUEST']._serialized_end=137
+  _globals['_POLICYINFO']._serialized_start=139
+  _globals['_POLICYINFO']._serialized_end=258
+  _globals['_GETPOLICYREQUEST']._serialized_start=260
+  _globals['_GETPOLICYREQUEST']._serialized_end=292
+  _globals['_POLICYDOCUMENT']._serialized_start=294
+  _globals['_POLICYDOCUMENT']._serialized_end=366
+  _globals['_LISTPOLICIESREQUEST']._serialized_start=368
+  _globals['_LISTPOLICIESREQUEST']._serialized_end=389
+  _globals['_LISTPOLICIESRESPONSE']._serialized_start=391
+  _globals['_LISTPOLICIESRESPONSE']._serialized_end=455
+  _globals['_POLICYHISTORYREQUEST']._serialized_start=457
+  _globals['_POLICYHISTORYREQUEST']._serialized_end=493
+  _globals['_DIFFPOLICIESREQUEST']._serialized_start=495
+  _globals['_DIFFPOLICIESREQUEST']._serialized_end=542
+  _globals['_PCRCHANGE']._serialized_start=544
+  _globals['_PCRCHANGE']._serialized_end=616
+  _globals['_SETTINGCHANGE']._serialized_start=618
+  _globals['_SETTINGCHANGE']._serialized_end=674
+  _globals['_POLICYDIFF']._serialized_start=677
+  _globals['_POLICYDIFF']._serialized_end=845
+  _globals['_ROLLBACKPOLICYREQUEST']._serialized_start=847
+  _globals['_ROLLBACKPOLICYREQUEST']._serialized_end=921
+  _globals['_DELETEPOLICYREQUEST']._serialized_start=923
+  _globals['_DELETEPOLICYREQUEST']._serialized_end=958
+  _globals['_DELETEPOLICYRESPONSE']._serialized_start=960
+  _globals['_DELETEPOLICYRESPONSE']._serialized_end=982
+  _globals['_CAPTUREPOLICYREQUEST']._serialized_start=984
+  _globals['_CAPTUREPOLICYREQUEST']._serialized_end=1068
+  _globals['_CAPTUREPOLICYRESPONSE']._serialized_start=1070
+  _globals['_CAPTUREPOLICYRESPONSE']._serialized_end=1183
+  _globals['_DRYRUNPOLICYREQUEST']._serialized_start=1185
+  _globals['_DRYRUNPOLICYREQUEST']._serialized_end=1269
+  _globals['_DRYRUNDEVICE']._serialized_start=1272
+  _globals['_DRYRUNDEVICE']._serialized_end=1409
+  _globals['_DRYRUNPOLICYRESPONSE']._serialized_start=1411
+  _globals['_DRYRUNPOLICYRESPONSE']._serialized_end=1531
+  _globals['_GROUPRULE']._serialized_start=1533
+  _globals['_GROUPRULE']._serialized_end=1613
+  _globals['_GROUP']._serialized_start=1616
+  _globals['_GROUP']._serialized_end=1804
+  _globals['_CREATEGROUPREQUEST']._serialized_start=1807
+  _globals['_CREATEGROUPREQUEST']._serialized_end=1945
+  _globals['_UPDATEGROUPREQUEST']._serialized_start=1948
+  _globals['_UPDATEGROUPREQUEST']._serialized_end=2086
+  _globals['_GETGROUPREQUEST']._serialized_start=2088
+  _globals['_GETGROUPREQUEST']._serialized_end=2119
+  _globals['_LISTGROUPSREQUEST']._serialized_start=2121
+  _globals['_LISTGROUPSREQUEST']._serialized_end=2140
+  _globals['_LISTGROUPSRESPONSE']._serialized_start=2142
+  _globals['_LISTGROUPSRESPONSE']._serialized_end=2197
+  _globals['_DELETEGROUPREQUEST']._serialized_start=2199
+  _globals['_DELETEGROUPREQUEST']._serialized_end=2233
+  _globals['_DELETEGROUPRESPONSE']._serialized_start=2235
+  _globals['_DELETEGROUPRESPONSE']._serialized_end=2256
+  _globals['_ASSIGNDEVICESREQUEST']._serialized_start=2258
+  _globals['_ASSIGNDEVICESREQUEST']._serialized_end=2315
+  _globals['_ASSIGNDEVICESRESPONSE']._serialized_start=2317
+  _globals['_ASSIGNDEVICESRESPONSE']._serialized_end=2374
+  _globals['_POLICY']._serialized_start=2377
+  _globals['_POLICY']._serialized_end=3528
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class PolicyStub:
-    """Reference values: named policies of allowed PCR digests.
+    """Reference values and who they apply to: versioned policies, device groups,
+    golden capture and dry-run. Every RPC here that changes state is a policy
+    author's (or an admin's); devices never call this service.
     """
 
     def __init__(self, channel):
@@ -50,27 +52,172 @@ class PolicyStub:
                 request_serializer=attestd_dot_v1_dot_policy__pb2.ListPoliciesRequest.SerializeToString,
                 response_deserializer=attestd_dot_v1_dot_policy__pb2.ListPoliciesResponse.FromString,
                 _registered_method=True)
+        self.PolicyHistory = channel.unary_unary(
+                '/attestd.v1.Policy/PolicyHistory',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.PolicyHistoryRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.DiffPolicies = channel.unary_unary(
+                '/attestd.v1.Policy/DiffPolicies',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.DiffPoliciesRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.PolicyDiff.FromString,
+                _registered_method=True)
+        self.RollbackPolicy = channel.unary_unary(
+                '/attestd.v1.Policy/RollbackPolicy',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.RollbackPolicyRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.PolicyInfo.FromString,
+                _registered_method=True)
+        self.DeletePolicy = channel.unary_unary(
+                '/attestd.v1.Policy/DeletePolicy',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.DeletePolicyRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.DeletePolicyResponse.FromString,
+                _registered_method=True)
+        self.CapturePolicy = channel.unary_unary(
+                '/attestd.v1.Policy/CapturePolicy',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.CapturePolicyRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.CapturePolicyResponse.FromString,
+                _registered_method=True)
+        self.DryRunPolicy = channel.unary_unary(
+                '/attestd.v1.Policy/DryRunPolicy',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.DryRunPolicyRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.DryRunPolicyResponse.FromString,
+                _registered_method=True)
+        self.CreateGroup = channel.unary_unary(
+                '/attestd.v1.Policy/CreateGroup',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.CreateGroupRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.Group.FromString,
+                _registered_method=True)
+        self.UpdateGroup = channel.unary_unary(
+                '/attestd.v1.Policy/UpdateGroup',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.UpdateGroupRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.Group.FromString,
+                _registered_method=True)
+        self.GetGroup = channel.unary_unary(
+                '/attestd.v1.Policy/GetGroup',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.GetGroupRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.Group.FromString,
+                _registered_method=True)
+        self.ListGroups = channel.unary_unary(
+                '/attestd.v1.Policy/ListGroups',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.ListGroupsRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.ListGroupsResponse.FromString,
+                _registered_method=True)
+        self.DeleteGroup = channel.unary_unary(
+                '/attestd.v1.Policy/DeleteGroup',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.DeleteGroupRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.DeleteGroupResponse.FromString,
+                _registered_method=True)
+        self.AssignDevices = channel.unary_unary(
+                '/attestd.v1.Policy/AssignDevices',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.AssignDevicesRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.AssignDevicesResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
-    """Reference values: named policies of allowed PCR digests.
+    """Reference values and who they apply to: versioned policies, device groups,
+    golden capture and dry-run. Every RPC here that changes state is a policy
+    author's (or an admin's); devices never call this service.
     """
 
     def PutPolicy(self, request, context):
-        """Publishes a policy document (YAML or JSON) as the newest version of its name.
+        """Publishes a policy document (YAML or JSON) as a new immutable version of its name.
+        Publishing content identical to the latest version returns that version unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetPolicy(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """NAME (latest) or NAME@VERSION.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListPolicies(self, request, context):
+        """The latest version of every policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PolicyHistory(self, request, context):
+        """Every version of one policy, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiffPolicies(self, request, context):
+        """Per bank and PCR: digests added and removed; changed rules and settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackPolicy(self, request, context):
+        """Publishes the content of NAME@VERSION as the newest version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePolicy(self, request, context):
+        """Refused while a device group uses the policy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CapturePolicy(self, request, context):
+        """Builds a policy document from a device's last attestation (not published).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DryRunPolicy(self, request, context):
+        """Evaluates a candidate against the latest evidence of the devices it would apply to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateGroup(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListGroups(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteGroup(self, request, context):
+        """Refused while devices are assigned to it by id, or when it is the default group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AssignDevices(self, request, context):
+        """Puts devices into a group by id (all or nothing), taking precedence over rules.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -93,6 +240,66 @@ def add_PolicyServicer_to_server(servicer, server):
                     request_deserializer=attestd_dot_v1_dot_policy__pb2.ListPoliciesRequest.FromString,
                     response_serializer=attestd_dot_v1_dot_policy__pb2.ListPoliciesResponse.SerializeToString,
             ),
+            'PolicyHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.PolicyHistory,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.PolicyHistoryRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'DiffPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiffPolicies,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.DiffPoliciesRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.PolicyDiff.SerializeToString,
+            ),
+            'RollbackPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackPolicy,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.RollbackPolicyRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.PolicyInfo.SerializeToString,
+            ),
+            'DeletePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePolicy,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.DeletePolicyRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.DeletePolicyResponse.SerializeToString,
+            ),
+            'CapturePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.CapturePolicy,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.CapturePolicyRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.CapturePolicyResponse.SerializeToString,
+            ),
+            'DryRunPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DryRunPolicy,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.DryRunPolicyRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.DryRunPolicyResponse.SerializeToString,
+            ),
+            'CreateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateGroup,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.CreateGroupRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.Group.SerializeToString,
+            ),
+            'UpdateGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateGroup,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.UpdateGroupRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.Group.SerializeToString,
+            ),
+            'GetGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGroup,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.GetGroupRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.Group.SerializeToString,
+            ),
+            'ListGroups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListGroups,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.ListGroupsRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.ListGroupsResponse.SerializeToString,
+            ),
+            'DeleteGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteGroup,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.DeleteGroupRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.DeleteGroupResponse.SerializeToString,
+            ),
+            'AssignDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignDevices,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.AssignDevicesRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.AssignDevicesResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'attestd.v1.Policy', rpc_method_handlers)
@@ -102,7 +309,9 @@ def add_PolicyServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Policy:
-    """Reference values: named policies of allowed PCR digests.
+    """Reference values and who they apply to: versioned policies, device groups,
+    golden capture and dry-run. Every RPC here that changes state is a policy
+    author's (or an admin's); devices never call this service.
     """
 
     @staticmethod
@@ -176,6 +385,330 @@ class Policy:
             '/attestd.v1.Policy/ListPolicies',
             attestd_dot_v1_dot_policy__pb2.ListPoliciesRequest.SerializeToString,
             attestd_dot_v1_dot_policy__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PolicyHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/PolicyHistory',
+            attestd_dot_v1_dot_policy__pb2.PolicyHistoryRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiffPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/DiffPolicies',
+            attestd_dot_v1_dot_policy__pb2.DiffPoliciesRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.PolicyDiff.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/RollbackPolicy',
+            attestd_dot_v1_dot_policy__pb2.RollbackPolicyRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.PolicyInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/DeletePolicy',
+            attestd_dot_v1_dot_policy__pb2.DeletePolicyRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.DeletePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CapturePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/CapturePolicy',
+            attestd_dot_v1_dot_policy__pb2.CapturePolicyRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.CapturePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DryRunPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/DryRunPolicy',
+            attestd_dot_v1_dot_policy__pb2.DryRunPolicyRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.DryRunPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/CreateGroup',
+            attestd_dot_v1_dot_policy__pb2.CreateGroupRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.Group.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/UpdateGroup',
+            attestd_dot_v1_dot_policy__pb2.UpdateGroupRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.Group.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/GetGroup',
+            attestd_dot_v1_dot_policy__pb2.GetGroupRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.Group.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListGroups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/ListGroups',
+            attestd_dot_v1_dot_policy__pb2.ListGroupsRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.ListGroupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/DeleteGroup',
+            attestd_dot_v1_dot_policy__pb2.DeleteGroupRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.DeleteGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/AssignDevices',
+            attestd_dot_v1_dot_policy__pb2.AssignDevicesRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.AssignDevicesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,29 +27,86 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class PolicyStub:
-    """Reference values: named policies of allowed PCR digests."""
+    """Reference values and who they apply to: versioned policies, device groups,
+    golden capture and dry-run. Every RPC here that changes state is a policy
+    author's (or an admin's); devices never call this service.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PolicyAsyncStub: ...
     PutPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.PutPolicyRequest, _policy_pb2.PolicyInfo]
-    """Publishes a policy document (YAML or JSON) as the newest version of its name."""
+    """Publishes a policy document (YAML or JSON) as a new immutable version of its name.
+    Publishing content identical to the latest version returns that version unchanged.
+    """
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyRequest, _policy_pb2.PolicyDocument]
+    """NAME (latest) or NAME@VERSION."""
     ListPolicies: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ListPoliciesRequest, _policy_pb2.ListPoliciesResponse]
+    """The latest version of every policy."""
+    PolicyHistory: _grpc.UnaryUnaryMultiCallable[_policy_pb2.PolicyHistoryRequest, _policy_pb2.ListPoliciesResponse]
+    """Every version of one policy, oldest first."""
+    DiffPolicies: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DiffPoliciesRequest, _policy_pb2.PolicyDiff]
+    """Per bank and PCR: digests added and removed; changed rules and settings."""
+    RollbackPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.RollbackPolicyRequest, _policy_pb2.PolicyInfo]
+    """Publishes the content of NAME@VERSION as the newest version."""
+    DeletePolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DeletePolicyRequest, _policy_pb2.DeletePolicyResponse]
+    """Refused while a device group uses the policy."""
+    CapturePolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.CapturePolicyRequest, _policy_pb2.CapturePolicyResponse]
+    """Builds a policy document from a device's last attestation (not published)."""
+    DryRunPolicy: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DryRunPolicyRequest, _policy_pb2.DryRunPolicyResponse]
+    """Evaluates a candidate against the latest evidence of the devices it would apply to."""
+    CreateGroup: _grpc.UnaryUnaryMultiCallable[_policy_pb2.CreateGroupRequest, _policy_pb2.Group]
+    UpdateGroup: _grpc.UnaryUnaryMultiCallable[_policy_pb2.UpdateGroupRequest, _policy_pb2.Group]
+    GetGroup: _grpc.UnaryUnaryMultiCallable[_policy_pb2.GetGroupRequest, _policy_pb2.Group]
+    ListGroups: _grpc.UnaryUnaryMultiCallable[_policy_pb2.ListGroupsRequest, _policy_pb2.ListGroupsResponse]
+    DeleteGroup: _grpc.UnaryUnaryMultiCallable[_policy_pb2.DeleteGroupRequest, _policy_pb2.DeleteGroupResponse]
+    """Refused while devices are assigned to it by id, or when it is the default group."""
+    AssignDevices: _grpc.UnaryUnaryMultiCallable[_policy_pb2.AssignDevicesRequest, _policy_pb2.AssignDevicesResponse]
+    """Puts devices into a group by id (all or nothing), taking precedence over rules."""
 
 @_typing.type_check_only
 class PolicyAsyncStub(PolicyStub):
-    """Reference values: named policies of allowed PCR digests."""
+    """Reference values and who they apply to: versioned policies, device groups,
+    golden capture and dry-run. Every RPC here that changes state is a policy
+    author's (or an admin's); devices never call this service.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PutPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.PutPolicyRequest, _policy_pb2.PolicyInfo]  # type: ignore[assignment]
-    """Publishes a policy document (YAML or JSON) as the newest version of its name."""
+    """Publishes a policy document (YAML or JSON) as a new immutable version of its name.
+    Publishing content identical to the latest version returns that version unchanged.
+    """
     GetPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetPolicyRequest, _policy_pb2.PolicyDocument]  # type: ignore[assignment]
+    """NAME (latest) or NAME@VERSION."""
     ListPolicies: _aio.UnaryUnaryMultiCallable[_policy_pb2.ListPoliciesRequest, _policy_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    """The latest version of every policy."""
+    PolicyHistory: _aio.UnaryUnaryMultiCallable[_policy_pb2.PolicyHistoryRequest, _policy_pb2.ListPoliciesResponse]  # type: ignore[assignment]
+    """Every version of one policy, oldest first."""
+    DiffPolicies: _aio.UnaryUnaryMultiCallable[_policy_pb2.DiffPoliciesRequest, _policy_pb2.PolicyDiff]  # type: ignore[assignment]
+    """Per bank and PCR: digests added and removed; changed rules and settings."""
+    RollbackPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.RollbackPolicyRequest, _policy_pb2.PolicyInfo]  # type: ignore[assignment]
+    """Publishes the content of NAME@VERSION as the newest version."""
+    DeletePolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.DeletePolicyRequest, _policy_pb2.DeletePolicyResponse]  # type: ignore[assignment]
+    """Refused while a device group uses the policy."""
+    CapturePolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.CapturePolicyRequest, _policy_pb2.CapturePolicyResponse]  # type: ignore[assignment]
+    """Builds a policy document from a device's last attestation (not published)."""
+    DryRunPolicy: _aio.UnaryUnaryMultiCallable[_policy_pb2.DryRunPolicyRequest, _policy_pb2.DryRunPolicyResponse]  # type: ignore[assignment]
+    """Evaluates a candidate against the latest evidence of the devices it would apply to."""
+    CreateGroup: _aio.UnaryUnaryMultiCallable[_policy_pb2.CreateGroupRequest, _policy_pb2.Group]  # type: ignore[assignment]
+    UpdateGroup: _aio.UnaryUnaryMultiCallable[_policy_pb2.UpdateGroupRequest, _policy_pb2.Group]  # type: ignore[assignment]
+    GetGroup: _aio.UnaryUnaryMultiCallable[_policy_pb2.GetGroupRequest, _policy_pb2.Group]  # type: ignore[assignment]
+    ListGroups: _aio.UnaryUnaryMultiCallable[_policy_pb2.ListGroupsRequest, _policy_pb2.ListGroupsResponse]  # type: ignore[assignment]
+    DeleteGroup: _aio.UnaryUnaryMultiCallable[_policy_pb2.DeleteGroupRequest, _policy_pb2.DeleteGroupResponse]  # type: ignore[assignment]
+    """Refused while devices are assigned to it by id, or when it is the default group."""
+    AssignDevices: _aio.UnaryUnaryMultiCallable[_policy_pb2.AssignDevicesRequest, _policy_pb2.AssignDevicesResponse]  # type: ignore[assignment]
+    """Puts devices into a group by id (all or nothing), taking precedence over rules."""
 
 class PolicyServicer(metaclass=_abc_1.ABCMeta):
-    """Reference values: named policies of allowed PCR digests."""
+    """Reference values and who they apply to: versioned policies, device groups,
+    golden capture and dry-run. Every RPC here that changes state is a policy
+    author's (or an admin's); devices never call this service.
+    """
 
     @_abc_1.abstractmethod
     def PutPolicy(
@@ -57,20 +114,116 @@ class PolicyServicer(metaclass=_abc_1.ABCMeta):
         request: _policy_pb2.PutPolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.PolicyInfo, _abc.Awaitable[_policy_pb2.PolicyInfo]]:
-        """Publishes a policy document (YAML or JSON) as the newest version of its name."""
+        """Publishes a policy document (YAML or JSON) as a new immutable version of its name.
+        Publishing content identical to the latest version returns that version unchanged.
+        """
 
     @_abc_1.abstractmethod
     def GetPolicy(
         self,
         request: _policy_pb2.GetPolicyRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_policy_pb2.PolicyDocument, _abc.Awaitable[_policy_pb2.PolicyDocument]]: ...
+    ) -> _typing.Union[_policy_pb2.PolicyDocument, _abc.Awaitable[_policy_pb2.PolicyDocument]]:
+        """NAME (latest) or NAME@VERSION."""
 
     @_abc_1.abstractmethod
     def ListPolicies(
         self,
         request: _policy_pb2.ListPoliciesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_policy_pb2.ListPoliciesResponse, _abc.Awaitable[_policy_pb2.ListPoliciesResponse]]: ...
+    ) -> _typing.Union[_policy_pb2.ListPoliciesResponse, _abc.Awaitable[_policy_pb2.ListPoliciesResponse]]:
+        """The latest version of every policy."""
+
+    @_abc_1.abstractmethod
+    def PolicyHistory(
+        self,
+        request: _policy_pb2.PolicyHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.ListPoliciesResponse, _abc.Awaitable[_policy_pb2.ListPoliciesResponse]]:
+        """Every version of one policy, oldest first."""
+
+    @_abc_1.abstractmethod
+    def DiffPolicies(
+        self,
+        request: _policy_pb2.DiffPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.PolicyDiff, _abc.Awaitable[_policy_pb2.PolicyDiff]]:
+        """Per bank and PCR: digests added and removed; changed rules and settings."""
+
+    @_abc_1.abstractmethod
+    def RollbackPolicy(
+        self,
+        request: _policy_pb2.RollbackPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.PolicyInfo, _abc.Awaitable[_policy_pb2.PolicyInfo]]:
+        """Publishes the content of NAME@VERSION as the newest version."""
+
+    @_abc_1.abstractmethod
+    def DeletePolicy(
+        self,
+        request: _policy_pb2.DeletePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.DeletePolicyResponse, _abc.Awaitable[_policy_pb2.DeletePolicyResponse]]:
+        """Refused while a device group uses the policy."""
+
+    @_abc_1.abstractmethod
+    def CapturePolicy(
+        self,
+        request: _policy_pb2.CapturePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.CapturePolicyResponse, _abc.Awaitable[_policy_pb2.CapturePolicyResponse]]:
+        """Builds a policy document from a device's last attestation (not published)."""
+
+    @_abc_1.abstractmethod
+    def DryRunPolicy(
+        self,
+        request: _policy_pb2.DryRunPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.DryRunPolicyResponse, _abc.Awaitable[_policy_pb2.DryRunPolicyResponse]]:
+        """Evaluates a candidate against the latest evidence of the devices it would apply to."""
+
+    @_abc_1.abstractmethod
+    def CreateGroup(
+        self,
+        request: _policy_pb2.CreateGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.Group, _abc.Awaitable[_policy_pb2.Group]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateGroup(
+        self,
+        request: _policy_pb2.UpdateGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.Group, _abc.Awaitable[_policy_pb2.Group]]: ...
+
+    @_abc_1.abstractmethod
+    def GetGroup(
+        self,
+        request: _policy_pb2.GetGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.Group, _abc.Awaitable[_policy_pb2.Group]]: ...
+
+    @_abc_1.abstractmethod
+    def ListGroups(
+        self,
+        request: _policy_pb2.ListGroupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.ListGroupsResponse, _abc.Awaitable[_policy_pb2.ListGroupsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteGroup(
+        self,
+        request: _policy_pb2.DeleteGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.DeleteGroupResponse, _abc.Awaitable[_policy_pb2.DeleteGroupResponse]]:
+        """Refused while devices are assigned to it by id, or when it is the default group."""
+
+    @_abc_1.abstractmethod
+    def AssignDevices(
+        self,
+        request: _policy_pb2.AssignDevicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.AssignDevicesResponse, _abc.Awaitable[_policy_pb2.AssignDevicesResponse]]:
+        """Puts devices into a group by id (all or nothing), taking precedence over rules."""
 
 def add_PolicyServicer_to_server(servicer: PolicyServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

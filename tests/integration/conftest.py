@@ -77,9 +77,9 @@ class ServerThread:
     def policy(self) -> policy_pb2_grpc.PolicyStub:
         return policy_pb2_grpc.PolicyStub(self.channel)
 
-    def put_policy(self, doc: dict[str, Any]) -> policy_pb2.PolicyInfo:
+    def put_policy(self, doc: dict[str, Any], note: str = "test") -> policy_pb2.PolicyInfo:
         info: policy_pb2.PolicyInfo = self.policy.PutPolicy(
-            policy_pb2.PutPolicyRequest(document=json.dumps(doc))
+            policy_pb2.PutPolicyRequest(document=json.dumps(doc), change_note=note, author="tests")
         )
         return info
 

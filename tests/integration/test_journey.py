@@ -42,7 +42,16 @@ def test_enroll_capture_attest_tamper(
         tool="attestd-agent",
         check=True,
     )
-    out = run_cli("policy", "put", str(policy_file), "--server", server.address, check=True)
+    out = run_cli(
+        "policy",
+        "put",
+        str(policy_file),
+        "-m",
+        "golden boot",
+        "--server",
+        server.address,
+        check=True,
+    )
     assert "default@1" in out.stdout
 
     # Good boot: affirming, with an EAR credential signed by the server's key.
@@ -126,13 +135,16 @@ def test_ecc_ak_enrolls_and_attests(
 
 def test_policy_cli_put_get_list_and_refusal(server: ServerThread, tmp_path: Path) -> None:
     good = write_yaml(tmp_path / "p.yaml", {"name": "lab", "pcrs": {"sha256": {0: "00" * 32}}})
-    assert run_cli("policy", "put", str(good), "--server", server.address).returncode == 0
+    assert (
+        run_cli("policy", "put", str(good), "-m", "first", "--server", server.address).returncode
+        == 0
+    )
     out = run_cli("policy", "get", "lab", "--server", server.address, "--json", check=True)
     assert json.loads(out.stdout)["pcrs"] == {"sha256": {"0": ["00" * 32]}}
     out = run_cli("policy", "list", "--server", server.address, check=True)
     assert out.stdout.startswith("lab@1")
     bad = write_yaml(tmp_path / "bad.yaml", {"name": "lab", "pcrs": {"sha256": {0: "00" * 20}}})
-    out = run_cli("policy", "put", str(bad), "--server", server.address)
+    out = run_cli("policy", "put", str(bad), "-m", "bad", "--server", server.address)
     assert out.returncode == 1
     assert "POLICY_INVALID" in out.stderr and "pcrs.sha256.0" in out.stderr
     # Nothing was half-written: still version 1.
