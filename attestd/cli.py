@@ -12,11 +12,13 @@ import asyncio
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.utils import CryptographyDeprecationWarning
 
 from attestd import policycli
 from attestd.core.ear import decode_unverified
@@ -502,6 +504,9 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     func: Callable[[argparse.Namespace], int] = args.func
+    # Real firmware certificates (negative serials, odd names) make cryptography warn on
+    # every parse; the state output already shows what was read.
+    warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning)
     try:
         return func(args)
     except CliError as e:
@@ -510,6 +515,10 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except policycli.UsageError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader (say, `| head`) went away: not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
     except grpc.RpcError as e:
         err = _rpc_error(e)
         print(f"{parser.prog}: {err}", file=sys.stderr)

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from attestd.core.bootstate import check_events, evaluate_rules, extract_state
-from attestd.core.eventlog import EventLog, replay
+from attestd.core.errors import MalformedError
+from attestd.core.eventlog import EventLog, EventType, replay
 from attestd.core.policy import EventLogRules
 from attestd.core.tpm import Bank
 from attestd.core.verdict import Code, Failure
@@ -83,10 +84,6 @@ def appraise_boot(
         return BootAppraisal((), None)
 
     failures: list[Failure] = []
-    state = extract_state(log)  # not believed until the replay below agrees with the quote
-    needed = set(rule_pcrs(rules))
-    if rules.kernel_cmdline_exact or rules.kernel_cmdline_regex:
-        needed |= {c.pcr for c in state.kernel_cmdlines}
     replayed = replay(log)
     verified: set[int] = set()
     for bank, values in sorted(signed_pcrs.items(), key=lambda kv: kv[0].alg.value):
@@ -117,22 +114,89 @@ def appraise_boot(
                         f"PCR {index} was extended but the log does not say by what",
                     )
                 )
-    for index in sorted(needed - verified):
-        if any(f.subject.endswith(f":{index}]") for f in failures):
-            continue  # already reported for this PCR
-        failures.append(
-            Failure(
-                Code.EVENTLOG_PCR_UNEXPLAINED,
-                f"pcr[{index}]",
-                "quoted and matching the log",
-                "not verified",
-                f"the policy's event-log rules read PCR {index}, which the quote and the log "
-                "do not both cover",
-            )
-        )
     if failures:
         # The log is not the record of this boot: judging its contents would judge fiction.
         return BootAppraisal(tuple(failures), None)
-    failures.extend(check_events(log))
-    failures.extend(evaluate_rules(state, rules))
-    return BootAppraisal(tuple(failures), state.to_json())
+    try:
+        state = extract_state(log)
+        needed = set(rule_pcrs(rules))
+        if rules.kernel_cmdline_exact or rules.kernel_cmdline_regex:
+            # Command lines are judged where they were found (grub: 8, systemd-boot: 12);
+            # finding none is judged on a verified PCR 8.
+            needed |= {c.pcr for c in state.kernel_cmdlines} or set(KERNEL_CMDLINE_PCRS)
+        for index in sorted(needed - verified):
+            failures.append(
+                Failure(
+                    Code.EVENTLOG_PCR_UNEXPLAINED,
+                    f"pcr[{index}]",
+                    "quoted and matching the log",
+                    "not verified",
+                    f"the policy's event-log rules read PCR {index}, which the quote and the "
+                    "log do not both cover",
+                )
+            )
+        if failures:
+            return BootAppraisal(tuple(failures), None)
+        failures.extend(check_events(log))
+        failures.extend(_unjudged_events(log, rules))
+        failures.extend(evaluate_rules(state, rules))
+    except MalformedError as e:
+        # Replay agreed with the TPM, so the device really measured these bytes: a named
+        # failure in the verdict (not an RPC error after the nonce is spent).
+        return BootAppraisal(
+            (*failures, Failure(Code.EVENT_DATA_MALFORMED, f"event_log@{e.offset}", detail=str(e))),
+            None,
+        )
+    # Boot state is only worth keeping when the log replayed against a quoted bank.
+    return BootAppraisal(tuple(failures), state.to_json() if verified else None)
+
+
+# PCR 4 events a boot-application rule can judge, or that carry no code.
+_PCR4_JUDGED = frozenset(
+    {
+        EventType.EV_EFI_BOOT_SERVICES_APPLICATION,
+        EventType.EV_EFI_ACTION,
+        EventType.EV_SEPARATOR,
+        EventType.EV_NO_ACTION,
+    }
+)
+_SPDM = frozenset(
+    {
+        EventType.EV_EFI_SPDM_FIRMWARE_BLOB,
+        EventType.EV_EFI_SPDM_FIRMWARE_CONFIG,
+        0x800000E3,
+        0x800000E4,
+    }
+)
+
+
+def _unjudged_events(log: EventLog, rules: EventLogRules) -> list[Failure]:
+    """Events a rule would have to judge but cannot: fail closed instead of looking away.
+
+    An application relabelled (say, as a boot services driver) in PCR 4 would escape
+    ``boot_applications``; an authority relabelled as an SPDM event in PCR 7 would
+    escape ``forbidden_authorities``.
+    """
+    out = []
+    for e in log.events:
+        if rules.boot_applications and e.pcr == 4 and e.type not in _PCR4_JUDGED:
+            out.append(
+                Failure(
+                    Code.EVENT_TYPE_UNEXPECTED,
+                    f"event[{e.number}] pcr 4 {e.type_name}",
+                    "boot applications, actions or separators",
+                    e.type_name,
+                    "the boot_applications rule cannot judge this PCR 4 event",
+                )
+            )
+        if rules.forbidden_authorities and e.pcr == 7 and e.type in _SPDM:
+            out.append(
+                Failure(
+                    Code.EVENT_TYPE_UNEXPECTED,
+                    f"event[{e.number}] pcr 7 {e.type_name}",
+                    "no SPDM events",
+                    e.type_name,
+                    "the forbidden_authorities rule cannot judge SPDM authority events",
+                )
+            )
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from attestd.service.attestation import record_verdict_pb
@@ -38,6 +40,8 @@ class DevicesService(enrollment_pb2_grpc.DevicesServicer):
         if latest is not None:
             info.latest_verdict.CopyFrom(record_verdict_pb(latest))
             info.credential_expires_at_ms = latest.credential_expires_at_ms
+            if latest.boot_state is not None:
+                info.boot_state_json = json.dumps(latest.boot_state, sort_keys=True)
         choice, policy = await effective_policy(self.s, device)
         info.group = choice.group or ""
         info.group_source = choice.source

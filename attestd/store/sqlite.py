@@ -151,7 +151,12 @@ class SqliteStore:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             for table, (columns, pk) in _SCHEMA.items():
-                self.db[table].create(columns, pk=pk, if_not_exists=True)  # type: ignore[union-attr]
+                t = self.db.table(table)
+                t.create(columns, pk=pk, if_not_exists=True)
+                # A store made by an older attestd gains the columns added since.
+                for column, kind in columns.items():
+                    if column not in t.columns_dict:
+                        t.add_column(column, kind)
             self.db["devices"].create_index(["ek_fingerprint"], unique=True, if_not_exists=True)  # type: ignore[union-attr]
             self.db["attestations"].create_index(["device_id", "id"], if_not_exists=True)  # type: ignore[union-attr]
         except (OSError, sqlite3.Error) as e:

@@ -174,6 +174,7 @@ class DeviceInfo(_message.Message):
     GROUP_SOURCE_FIELD_NUMBER: _builtins.int
     EFFECTIVE_POLICY_NAME_FIELD_NUMBER: _builtins.int
     EFFECTIVE_POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    BOOT_STATE_JSON_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     ek_fingerprint: _builtins.str
     """Hex SHA-256 of the EK's SubjectPublicKeyInfo."""
@@ -194,6 +195,10 @@ class DeviceInfo(_message.Message):
     effective_policy_name: _builtins.str
     """The policy its next attestation will be appraised against."""
     effective_policy_version: _builtins.int
+    boot_state_json: _builtins.str
+    """The boot state (JSON, as `attestd eventlog state` prints it) of the latest
+    attestation whose event log agreed with its quote; empty if none.
+    """
     @_builtins.property
     def latest_verdict(self) -> _common_pb2.Verdict:
         """The latest appraisal, if the device has attested."""
@@ -217,10 +222,11 @@ class DeviceInfo(_message.Message):
         group_source: _builtins.str = ...,
         effective_policy_name: _builtins.str = ...,
         effective_policy_version: _builtins.int = ...,
+        boot_state_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latest_verdict", b"latest_verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "effective_policy_name", b"effective_policy_name", "effective_policy_version", b"effective_policy_version", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "group", b"group", "group_source", b"group_source", "latest_verdict", b"latest_verdict", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "boot_state_json", b"boot_state_json", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "effective_policy_name", b"effective_policy_name", "effective_policy_version", b"effective_policy_version", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "group", b"group", "group_source", b"group_source", "latest_verdict", b"latest_verdict", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
