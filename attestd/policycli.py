@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from attestd.v1 import policy_pb2, policy_pb2_grpc
 
 EXIT_OK = 0
 RULE_KEYS = {"issuer": "ek_cert_issuer", "manufacturer": "tpm_manufacturer", "model": "tpm_model"}
+_RULE_SPLIT = re.compile(r",(?=\s*(?:issuer|manufacturer|model)=)")
 
 
 class UsageError(Exception):
@@ -234,7 +236,8 @@ def _rules(specs: list[str] | None) -> list[policy_pb2.GroupRule]:
     rules = []
     for spec in specs or []:
         fields: dict[str, str] = {}
-        for part in spec.split(","):
+        # Split only before a known key: issuer names themselves hold commas (CN=…,O=…).
+        for part in _RULE_SPLIT.split(spec):
             key, sep, value = part.partition("=")
             if not sep or key.strip() not in RULE_KEYS or not value.strip():
                 raise UsageError(
@@ -283,9 +286,17 @@ def cmd_group_create(args: argparse.Namespace) -> int:
 
 
 def cmd_group_update(args: argparse.Namespace) -> int:
-    _print_group(
-        args, _call(args, "UpdateGroup", policy_pb2.UpdateGroupRequest(**_group_fields(args)))
-    )
+    # Options not given keep their current values (the RPC replaces the whole group).
+    current = _call(args, "GetGroup", policy_pb2.GetGroupRequest(name=args.name))
+    if args.policy is None:
+        pin = f"@{current.policy_version}" if current.policy_version else ""
+        args.policy = current.policy_name + pin
+    fields = _group_fields(args)
+    if args.description is None:
+        fields["description"] = current.description
+    if args.rule is None:
+        fields["rules"] = list(current.rules)
+    _print_group(args, _call(args, "UpdateGroup", policy_pb2.UpdateGroupRequest(**fields)))
     return EXIT_OK
 
 
@@ -307,6 +318,12 @@ def cmd_group_list(args: argparse.Namespace) -> int:
 def cmd_group_delete(args: argparse.Namespace) -> int:
     _call(args, "DeleteGroup", policy_pb2.DeleteGroupRequest(name=args.name))
     print(f"deleted group {args.name}")
+    return EXIT_OK
+
+
+def cmd_group_unassign(args: argparse.Namespace) -> int:
+    _call(args, "UnassignDevices", policy_pb2.UnassignDevicesRequest(device_ids=args.device_ids))
+    print(f"unassigned {len(args.device_ids)} device(s); rules or the default group apply again")
     return EXIT_OK
 
 
@@ -395,7 +412,7 @@ def register(sub: Any, server: str) -> None:
         c.add_argument("name")
         c.add_argument(
             "--policy",
-            required=True,
+            required=name == "create",
             metavar="NAME[@VERSION]",
             help="its policy, pinned to a version or following the latest",
         )
@@ -419,5 +436,8 @@ def register(sub: Any, server: str) -> None:
     c.add_argument("name")
     c.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
     c.set_defaults(func=cmd_group_assign)
+    c = grp.add_parser("unassign", help="remove devices' assignment by id")
+    c.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
+    c.set_defaults(func=cmd_group_unassign)
     for parser in grp.choices.values():
         _common(parser, server)

@@ -27,7 +27,8 @@ from attestd.v1 import policy_pb2, policy_pb2_grpc
 
 MAX_NOTE = 1024
 MAX_ASSIGN = 10000
-PASSING = ("affirming", "warning")
+# Only an affirming verdict earns a credential, so only it counts as passing.
+PASSING = ("affirming",)
 
 
 def _info(record: PolicyRecord) -> policy_pb2.PolicyInfo:
@@ -305,7 +306,9 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
         except EvidenceError as e:  # accepted once; only a tightened limit can refuse it now
             response.skipped.append(f"{device_id}: stored event log unusable: {e}")
             return
-        result = appraise_values(candidate, pcrs, log)
+        # As a real attestation under the candidate would: only the PCRs it selects.
+        selected = {bank: {i: pcrs[bank][i] for i in idx} for bank, idx in candidate.pcrs.items()}
+        result = appraise_values(candidate, selected, log)
         response.evaluated += 1
         candidate_status = "contraindicated" if result.failures else "affirming"
         if (evidence.status in PASSING) == (candidate_status in PASSING):
@@ -414,3 +417,11 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             self._store.assign_devices, request.group, list(request.device_ids)
         )
         return policy_pb2.AssignDevicesResponse(group=self._group_pb(record))
+
+    async def UnassignDevices(
+        self, request: policy_pb2.UnassignDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> policy_pb2.UnassignDevicesResponse:
+        if not request.device_ids or len(request.device_ids) > MAX_ASSIGN:
+            raise ServiceError(f"device_ids: between 1 and {MAX_ASSIGN} ids", "MALFORMED")
+        await self.s.store(self._store.unassign_devices, list(request.device_ids))
+        return policy_pb2.UnassignDevicesResponse()

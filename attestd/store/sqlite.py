@@ -703,6 +703,23 @@ class SqliteStore:
 
         return self._run(go)
 
+    def unassign_devices(self, device_ids: list[str]) -> None:
+        def go() -> None:
+            with self._tx() as c:
+                for device_id in device_ids:
+                    row = c.execute(
+                        "SELECT 1 FROM group_members WHERE device_id = ?", (device_id,)
+                    ).fetchone()
+                    if row is None:
+                        raise NotFound(
+                            f"device_ids: {device_id!r} is not assigned to a group", "NOT_ASSIGNED"
+                        )
+                c.executemany(
+                    "DELETE FROM group_members WHERE device_id = ?", [(d,) for d in device_ids]
+                )
+
+        self._run(go)
+
     def assigned_group(self, device_id: str) -> str | None:
         def go() -> str | None:
             row = self.db.execute(

@@ -112,6 +112,11 @@ class PolicyStub:
                 request_serializer=attestd_dot_v1_dot_policy__pb2.AssignDevicesRequest.SerializeToString,
                 response_deserializer=attestd_dot_v1_dot_policy__pb2.AssignDevicesResponse.FromString,
                 _registered_method=True)
+        self.UnassignDevices = channel.unary_unary(
+                '/attestd.v1.Policy/UnassignDevices',
+                request_serializer=attestd_dot_v1_dot_policy__pb2.UnassignDevicesRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_policy__pb2.UnassignDevicesResponse.FromString,
+                _registered_method=True)
 
 
 class PolicyServicer:
@@ -222,6 +227,13 @@ class PolicyServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UnassignDevices(self, request, context):
+        """Removes assignments by id (all or nothing): the devices fall back to rules or the default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -299,6 +311,11 @@ def add_PolicyServicer_to_server(servicer, server):
                     servicer.AssignDevices,
                     request_deserializer=attestd_dot_v1_dot_policy__pb2.AssignDevicesRequest.FromString,
                     response_serializer=attestd_dot_v1_dot_policy__pb2.AssignDevicesResponse.SerializeToString,
+            ),
+            'UnassignDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnassignDevices,
+                    request_deserializer=attestd_dot_v1_dot_policy__pb2.UnassignDevicesRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_policy__pb2.UnassignDevicesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -709,6 +726,33 @@ class Policy:
             '/attestd.v1.Policy/AssignDevices',
             attestd_dot_v1_dot_policy__pb2.AssignDevicesRequest.SerializeToString,
             attestd_dot_v1_dot_policy__pb2.AssignDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnassignDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Policy/UnassignDevices',
+            attestd_dot_v1_dot_policy__pb2.UnassignDevicesRequest.SerializeToString,
+            attestd_dot_v1_dot_policy__pb2.UnassignDevicesResponse.FromString,
             options,
             channel_credentials,
             insecure,

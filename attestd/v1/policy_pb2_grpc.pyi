@@ -64,6 +64,8 @@ class PolicyStub:
     """Refused while devices are assigned to it by id, or when it is the default group."""
     AssignDevices: _grpc.UnaryUnaryMultiCallable[_policy_pb2.AssignDevicesRequest, _policy_pb2.AssignDevicesResponse]
     """Puts devices into a group by id (all or nothing), taking precedence over rules."""
+    UnassignDevices: _grpc.UnaryUnaryMultiCallable[_policy_pb2.UnassignDevicesRequest, _policy_pb2.UnassignDevicesResponse]
+    """Removes assignments by id (all or nothing): the devices fall back to rules or the default."""
 
 @_typing.type_check_only
 class PolicyAsyncStub(PolicyStub):
@@ -101,6 +103,8 @@ class PolicyAsyncStub(PolicyStub):
     """Refused while devices are assigned to it by id, or when it is the default group."""
     AssignDevices: _aio.UnaryUnaryMultiCallable[_policy_pb2.AssignDevicesRequest, _policy_pb2.AssignDevicesResponse]  # type: ignore[assignment]
     """Puts devices into a group by id (all or nothing), taking precedence over rules."""
+    UnassignDevices: _aio.UnaryUnaryMultiCallable[_policy_pb2.UnassignDevicesRequest, _policy_pb2.UnassignDevicesResponse]  # type: ignore[assignment]
+    """Removes assignments by id (all or nothing): the devices fall back to rules or the default."""
 
 class PolicyServicer(metaclass=_abc_1.ABCMeta):
     """Reference values and who they apply to: versioned policies, device groups,
@@ -225,5 +229,13 @@ class PolicyServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.AssignDevicesResponse, _abc.Awaitable[_policy_pb2.AssignDevicesResponse]]:
         """Puts devices into a group by id (all or nothing), taking precedence over rules."""
+
+    @_abc_1.abstractmethod
+    def UnassignDevices(
+        self,
+        request: _policy_pb2.UnassignDevicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.UnassignDevicesResponse, _abc.Awaitable[_policy_pb2.UnassignDevicesResponse]]:
+        """Removes assignments by id (all or nothing): the devices fall back to rules or the default."""
 
 def add_PolicyServicer_to_server(servicer: PolicyServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
