@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
@@ -138,3 +138,21 @@ def public_pem(key: ec.EllipticCurvePublicKey) -> bytes:
     return key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def jwk_of(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> dict[str, str]:
+    """RFC 7517 JWK of an RSA or NIST-curve EC public key (for ``cnf``)."""
+    if isinstance(key, rsa.RSAPublicKey):
+        rsa_nums = key.public_numbers()
+        n = rsa_nums.n.to_bytes((rsa_nums.n.bit_length() + 7) // 8, "big")
+        e = rsa_nums.e.to_bytes((rsa_nums.e.bit_length() + 7) // 8, "big")
+        return {"kty": "RSA", "n": b64url(n), "e": b64url(e)}
+    size = (key.curve.key_size + 7) // 8
+    crv = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}[key.curve.name]
+    nums = key.public_numbers()
+    return {
+        "kty": "EC",
+        "crv": crv,
+        "x": b64url(nums.x.to_bytes(size, "big")),
+        "y": b64url(nums.y.to_bytes(size, "big")),
+    }

@@ -110,6 +110,8 @@ class Code(enum.Enum):
     CERTIFY_NONCE_MISMATCH = "CERTIFY_NONCE_MISMATCH"
     CERTIFY_NAME_MISMATCH = "CERTIFY_NAME_MISMATCH"
     CERTIFIED_KEY_ATTRIBUTES = "CERTIFIED_KEY_ATTRIBUTES"
+    # The device itself.
+    DEVICE_REVOKED = "DEVICE_REVOKED"
 
 
 @dataclass(frozen=True)
@@ -190,3 +192,14 @@ class Verdict:
 
     def codes(self) -> list[str]:
         return [f.code.value for f in self.failures]
+
+
+def with_failures(verdict: Verdict, failures: tuple[Failure, ...], **claims: int) -> Verdict:
+    """The verdict with more failures: the named claims lowered, the status recomputed."""
+    if not failures:
+        return verdict
+    tv = verdict.trust_vector.worse(**claims)
+    status = tv.status
+    if status is not Status.CONTRAINDICATED:
+        status = Status.CONTRAINDICATED  # every failure contraindicates
+    return replace(verdict, status=status, trust_vector=tv, failures=verdict.failures + failures)

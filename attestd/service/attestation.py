@@ -5,19 +5,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from attestd.core.ear import issue_credential
+from attestd.core.certify import CertifyEvidence, check_certified_key, parse_certified_key
+from attestd.core.ear import b64url, issue_credential, jwk_of
 from attestd.core.eventlog import parse_event_log
 from attestd.core.quote import Appraisal, ClockState, appraise_quote, parse_evidence
 from attestd.core.tpm import Bank
-from attestd.core.verdict import Claim, Failure, Verdict
+from attestd.core.verdict import (
+    UNTRUSTWORTHY_INSTANCE,
+    Claim,
+    Code,
+    Failure,
+    Verdict,
+    with_failures,
+)
 from attestd.service.effective import effective_policy
 from attestd.service.errors import ServiceError
 from attestd.service.state import ServiceState, cached_public
-from attestd.store.base import AttestationRecord, NonceGrant
+from attestd.store.base import AttestationRecord, CredentialRecord, NonceGrant
 from attestd.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 
 log = logging.getLogger("attestd.attestation")
@@ -124,6 +134,12 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         # Parse before consuming the nonce: malformed input loses nothing.
         evidence = parse_evidence(request.quote, request.signature, banks, limits)
         event_log = parse_event_log(request.event_log, limits) if request.event_log else None
+        certified = None
+        if request.HasField("certified_key"):
+            ck = request.certified_key
+            certified = parse_certified_key(
+                ck.public, ck.certify_info, ck.certify_signature, limits
+            )
         store = self.s.store.store
         device = await self.s.store(store.get_device, request.device_id)
         now_ms = self.s.now_ms()
@@ -143,24 +159,46 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             event_log=event_log,
         )
         verdict = replace(appraisal.verdict, policy_version=record.version)
-        response = attestation_pb2.AttestResponse(verdict=verdict_pb(verdict, device.device_id))
-        expires_ms = 0
-        if verdict.affirming:
-            cred = issue_credential(
+        ak = cached_public(device.ak_public)
+        if certified is not None and verdict.affirming:
+            bad = check_certified_key(certified, ak, request.nonce)
+            if bad is not None:
+                verdict = with_failures(verdict, (bad,), instance_identity=UNTRUSTWORTHY_INSTANCE)
+        status = await self.s.store(store.device_status, device.device_id)
+        if status.revoked and verdict.affirming:
+            verdict = with_failures(
                 verdict,
-                device_id=device.device_id,
-                nonce=request.nonce,
-                key=self.s.signing_key,
-                now_s=now_ms // 1000,
-                lifetime_s=self.s.config.credential_lifetime_s,
+                (
+                    Failure(
+                        Code.DEVICE_REVOKED,
+                        "device",
+                        "admitted",
+                        "revoked",
+                        f"revoked by an admin ({status.revocation_reason}); no credential "
+                        "until the device is readmitted",
+                    ),
+                ),
+                instance_identity=UNTRUSTWORTHY_INSTANCE,
             )
-            response.credential = cred.token
-            response.credential_expires_at_ms = expires_ms = cred.expires_at_ms
+        response = attestation_pb2.AttestResponse(verdict=verdict_pb(verdict, device.device_id))
+        issued = None
+        if verdict.affirming:
+            issued = self._issue(verdict, device.device_id, request.nonce, certified, now_ms)
+            response.credential = issued.token
+            response.credential_expires_at_ms = issued.record.expires_at_ms
+            response.client_certificate = issued.certificate
         await self.s.store(
             store.record_attestation,
-            _record(device.device_id, verdict, appraisal, expires_ms, bytes(request.event_log)),
+            _record(
+                device.device_id,
+                verdict,
+                appraisal,
+                bytes(request.event_log),
+                issued.record if issued else None,
+            ),
             _clock_dict(appraisal.accepted_clock),
         )
+        self.s.notify()
         log.info(
             "attestation device=%s status=%s failures=%s",
             device.device_id,
@@ -168,6 +206,66 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             ",".join(verdict.codes()) or "-",
         )
         return response
+
+    def _issue(
+        self,
+        verdict: Verdict,
+        device_id: str,
+        nonce: bytes,
+        certified: CertifyEvidence | None,
+        now_ms: int,
+    ) -> Issued:
+        """The session credential (and, for a certified key, its client certificate)."""
+        now_s = now_ms // 1000
+        lifetime = self.s.config.credential_lifetime_s
+        extra: dict[str, object] = {}
+        certificate = b""
+        serial = fingerprint = ""
+        if certified is not None:
+            key = certified.public.public_key
+            cert = self.s.ca.issue(key, device_id, now_s, now_s + lifetime)
+            certificate = cert.public_bytes(serialization.Encoding.DER)
+            serial = format(cert.serial_number, "x")
+            fingerprint = _spki_sha256(key)
+            # RFC 7800 proof-of-possession: the credential is only good with this key.
+            extra["cnf"] = {
+                "jwk": jwk_of(key),
+                "x5t#S256": b64url(hashlib.sha256(certificate).digest()),
+            }
+        signer = self.s.keyring.current
+        cred = issue_credential(
+            verdict,
+            device_id=device_id,
+            nonce=nonce,
+            key=signer.key,
+            now_s=now_s,
+            lifetime_s=lifetime,
+            extra_claims=extra,
+        )
+        record = CredentialRecord(
+            jti=str(cred.claims["jti"]),
+            device_id=device_id,
+            kid=signer.kid,
+            cert_serial=serial,
+            issued_at_ms=now_ms,
+            expires_at_ms=cred.expires_at_ms,
+            key_fingerprint=fingerprint,
+        )
+        return Issued(cred.token, certificate, record)
+
+
+@dataclass(frozen=True)
+class Issued:
+    token: str
+    certificate: bytes  # DER, or b"" without a bound key
+    record: CredentialRecord
+
+
+def _spki_sha256(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> str:
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
 
 
 def _clock_dict(state: ClockState | None) -> dict[str, int] | None:
@@ -182,7 +280,11 @@ def _clock_dict(state: ClockState | None) -> dict[str, int] | None:
 
 
 def _record(
-    device_id: str, verdict: Verdict, appraisal: Appraisal, expires_ms: int, event_log: bytes
+    device_id: str,
+    verdict: Verdict,
+    appraisal: Appraisal,
+    event_log: bytes,
+    credential: CredentialRecord | None,
 ) -> AttestationRecord:
     attest = appraisal.evidence.attest
     return AttestationRecord(
@@ -199,10 +301,11 @@ def _record(
             bank.value: {str(i): d.hex() for i, d in sorted(vals.items())}
             for bank, vals in appraisal.evidence.pcrs.items()
         },
-        credential_expires_at_ms=expires_ms,
+        credential_expires_at_ms=credential.expires_at_ms if credential else 0,
         boot_state=appraisal.boot_state,
         values_verified=appraisal.values_verified,
         event_log=event_log,
+        credential=credential,
     )
 
 

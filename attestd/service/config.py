@@ -11,8 +11,6 @@ from typing import Any
 
 import yaml
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from attestd.core.limits import DEFAULT_LIMITS, Limits
 
@@ -35,15 +33,14 @@ class ServerConfig:
     # Devices no group claims (by id or rule) belong to this group, if it exists.
     default_group: str = "default"
     max_message_bytes: int = 2 * 1024 * 1024
+    # The CA that issues client certificates: PEM files, or (unset) one created in data_dir.
+    issuing_ca_cert: Path | None = None
+    issuing_ca_key: Path | None = None
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
 
     @property
     def store_path(self) -> Path:
         return self.data_dir / "attestd.sqlite"
-
-    @property
-    def signing_key_path(self) -> Path:
-        return self.data_dir / "signing-key.pem"
 
 
 _FIELDS = {f.name for f in dataclasses.fields(ServerConfig)} - {"limits"}
@@ -64,8 +61,9 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
         values.update(raw)
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    if "data_dir" in values:
-        values["data_dir"] = Path(values["data_dir"])
+    for key in ("data_dir", "issuing_ca_cert", "issuing_ca_key"):
+        if values.get(key) is not None:
+            values[key] = Path(values[key])
     for key in ("ek_roots", "ek_intermediates"):
         if key in values:
             paths = values[key]
@@ -93,27 +91,3 @@ def prepare_data_dir(path: Path) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         os.chmod(path, mode & ~0o077)
-
-
-def load_or_create_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """The credential signing key (P-256): created on first start, 0600, reused after."""
-    if path.exists():
-        if stat.S_IMODE(path.stat().st_mode) & 0o077:
-            raise ConfigError(f"{path} is readable by others; chmod 600 it")
-        try:
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load the signing key {path}: {e}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-            raise ConfigError(f"{path} is not a P-256 private key")
-        return key
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    return key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import grpc
 
@@ -11,6 +12,8 @@ from attestd.service.effective import effective_policy
 from attestd.service.errors import ServiceError
 from attestd.service.state import ServiceState
 from attestd.v1 import enrollment_pb2, enrollment_pb2_grpc
+
+log = logging.getLogger("attestd.devices")
 
 
 class DevicesService(enrollment_pb2_grpc.DevicesServicer):
@@ -42,6 +45,10 @@ class DevicesService(enrollment_pb2_grpc.DevicesServicer):
             info.credential_expires_at_ms = latest.credential_expires_at_ms
             if latest.boot_state is not None:
                 info.boot_state_json = json.dumps(latest.boot_state, sort_keys=True)
+        status = await self.s.store(store.device_status, device.device_id)
+        info.revoked = status.revoked
+        info.revocation_reason = status.revocation_reason
+        info.revoked_at_ms = status.revoked_at_ms
         choice, policy = await effective_policy(self.s, device)
         info.group = choice.group or ""
         info.group_source = choice.source
@@ -49,3 +56,27 @@ class DevicesService(enrollment_pb2_grpc.DevicesServicer):
             info.effective_policy_name = policy.name
             info.effective_policy_version = policy.version
         return info
+
+    async def RevokeDevice(
+        self, request: enrollment_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.DeviceInfo:
+        return await self._set_revoked(request.device_id, request.reason, revoked=True)
+
+    async def ReadmitDevice(
+        self, request: enrollment_pb2.ReadmitDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.DeviceInfo:
+        return await self._set_revoked(request.device_id, request.reason, revoked=False)
+
+    async def _set_revoked(
+        self, device_id: str, reason: str, *, revoked: bool
+    ) -> enrollment_pb2.DeviceInfo:
+        if not device_id:
+            raise ServiceError("device_id: required", "MALFORMED")
+        reason = reason.strip()
+        if not reason or len(reason) > 1024:
+            raise ServiceError("reason: required, at most 1024 characters", "MALFORMED")
+        store = self.s.store.store
+        await self.s.store(store.set_revoked, device_id, revoked, reason, self.s.now_ms())
+        self.s.notify()
+        log.info("device %s device=%s", "revoked" if revoked else "readmitted", device_id)
+        return await self.GetDevice(enrollment_pb2.GetDeviceRequest(device_id=device_id), None)

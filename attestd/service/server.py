@@ -8,8 +8,10 @@ channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -20,22 +22,27 @@ from attestd.service.attestation import AttestationService
 from attestd.service.config import (
     ServerConfig,
     load_certificates,
-    load_or_create_signing_key,
     prepare_data_dir,
 )
 from attestd.service.devices import DevicesService
 from attestd.service.enrollment import EnrollmentService
 from attestd.service.errors import ErrorInterceptor
+from attestd.service.keys import IssuingCA, SigningKeyring
 from attestd.service.policy import PolicyService
 from attestd.service.state import ServiceState, StoreRunner
+from attestd.service.verdicts import KeysService, VerdictsService
 from attestd.store.sqlite import SqliteStore
 from attestd.v1 import (
     attestation_pb2,
     attestation_pb2_grpc,
     enrollment_pb2,
     enrollment_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
+    verdicts_pb2,
+    verdicts_pb2_grpc,
 )
 
 log = logging.getLogger("attestd")
@@ -45,7 +52,10 @@ SERVICE_NAMES = (
     enrollment_pb2.DESCRIPTOR.services_by_name["Devices"].full_name,
     attestation_pb2.DESCRIPTOR.services_by_name["Attestation"].full_name,
     policy_pb2.DESCRIPTOR.services_by_name["Policy"].full_name,
+    verdicts_pb2.DESCRIPTOR.services_by_name["Verdicts"].full_name,
+    keys_pb2.DESCRIPTOR.services_by_name["Keys"].full_name,
 )
+EXPIRY_SWEEP_S = 1.0
 
 
 @dataclass
@@ -53,15 +63,32 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     state: ServiceState
+    sweeper: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = 5.0) -> None:
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.sweeper
         await self.server.stop(grace)
         self.state.store.close()
+
+
+async def sweep_expiries(state: ServiceState) -> None:
+    """Announce expired credentials to watchers (VERDICT_EVENT_KIND_EXPIRED)."""
+    while True:
+        await asyncio.sleep(EXPIRY_SWEEP_S)
+        try:
+            if await state.store(state.store.store.announce_expiries, state.now_ms()):
+                state.notify()
+        except Exception:  # the store may be briefly unavailable; try again next tick
+            log.exception("expiry sweep failed")
 
 
 async def create_server(config: ServerConfig) -> RunningServer:
     """Open the store and keys, register the services, bind, start."""
     prepare_data_dir(config.data_dir)
+    now_ms = int(time.time() * 1000)
     roots = load_certificates(config.ek_roots, "ek_roots")
     intermediates = load_certificates(config.ek_intermediates, "ek_intermediates")
     if not roots:
@@ -71,7 +98,8 @@ async def create_server(config: ServerConfig) -> RunningServer:
         store=StoreRunner(SqliteStore(config.store_path)),
         ek_roots=roots,
         ek_intermediates=intermediates,
-        signing_key=load_or_create_signing_key(config.signing_key_path),
+        keyring=SigningKeyring(config.data_dir, config.credential_lifetime_s, now_ms),
+        ca=IssuingCA(config.data_dir, config.issuing_ca_cert, config.issuing_ca_key),
     )
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor()],
@@ -84,6 +112,8 @@ async def create_server(config: ServerConfig) -> RunningServer:
     enrollment_pb2_grpc.add_DevicesServicer_to_server(DevicesService(state), server)
     attestation_pb2_grpc.add_AttestationServicer_to_server(AttestationService(state), server)
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyService(state), server)
+    verdicts_pb2_grpc.add_VerdictsServicer_to_server(VerdictsService(state), server)
+    keys_pb2_grpc.add_KeysServicer_to_server(KeysService(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -97,7 +127,7 @@ async def create_server(config: ServerConfig) -> RunningServer:
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("attestd listening on port %d, data in %s", port, config.data_dir)
-    return RunningServer(server, port, state)
+    return RunningServer(server, port, state, asyncio.create_task(sweep_expiries(state)))
 
 
 async def serve(config: ServerConfig) -> None:

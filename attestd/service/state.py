@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -11,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from attestd.core.policy import Policy, policy_from_document
 from attestd.core.tpm import PublicArea, parse_public
 from attestd.service.config import ServerConfig
+from attestd.service.keys import IssuingCA, SigningKeyring
 from attestd.store.base import PolicyRecord, Store
 
 T = TypeVar("T")
@@ -49,13 +50,27 @@ class ServiceState:
     store: StoreRunner
     ek_roots: list[x509.Certificate]
     ek_intermediates: list[x509.Certificate]
-    signing_key: ec.EllipticCurvePrivateKey
+    keyring: SigningKeyring
+    ca: IssuingCA
     clock: Callable[[], float] = time.time
     # Policy versions are immutable, so (name, version) -> Policy never goes stale.
     _policies: dict[tuple[str, int], Policy] = field(default_factory=dict)
 
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def notify(self) -> None:
+        """Wake every watcher: verdict events were appended."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self, timeout_s: float) -> None:
+        """Wait for notify(), or at most ``timeout_s`` (other replicas append too)."""
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
 
     def policy_of(self, record: PolicyRecord) -> Policy:
         key = (record.name, record.version)

@@ -115,6 +115,40 @@ class Evidence:
 
 
 @dataclass(frozen=True)
+class CredentialRecord:
+    jti: str
+    device_id: str
+    kid: str  # signing key of the JWT
+    cert_serial: str  # hex serial of the client certificate, "" if none
+    issued_at_ms: int
+    expires_at_ms: int
+    key_fingerprint: str  # SHA-256 of the bound key's SPKI, "" if none
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    device_id: str
+    revoked: bool
+    revoked_at_ms: int
+    revocation_reason: str
+    # Credentials issued before this instant are no longer valid (revocation, failure).
+    credentials_invalid_before_ms: int
+    # Expiry of the live credential, 0 when there is none.
+    live_expires_at_ms: int
+
+
+@dataclass(frozen=True)
+class VerdictEventRecord:
+    cursor: int
+    device_id: str
+    kind: str  # AFFIRMED, FAILED, REVOKED, READMITTED, EXPIRED
+    status: str
+    at_ms: int
+    reason: str
+    credential_expires_at_ms: int
+
+
+@dataclass(frozen=True)
 class AttestationRecord:
     device_id: str
     at_ms: int
@@ -134,6 +168,8 @@ class AttestationRecord:
     values_verified: bool = False
     # The event log sent with the quote (kept for the device's latest attestation only).
     event_log: bytes = b""
+    # The credential issued for it (affirming verdicts only).
+    credential: CredentialRecord | None = None
 
 
 class Store(Protocol):
@@ -176,6 +212,18 @@ class Store(Protocol):
     def assign_devices(self, group: str, device_ids: list[str]) -> GroupRecord: ...
     def unassign_devices(self, device_ids: list[str]) -> None: ...
     def assigned_group(self, device_id: str) -> str | None: ...
+
+    # Credentials, revocation, verdict events.
+    def device_status(self, device_id: str) -> DeviceStatus: ...
+    def set_revoked(
+        self, device_id: str, revoked: bool, reason: str, now_ms: int
+    ) -> DeviceStatus: ...
+    def get_credential(self, *, jti: str = "", serial: str = "") -> CredentialRecord | None: ...
+    def events_after(
+        self, cursor: int, device_ids: list[str], limit: int
+    ) -> list[VerdictEventRecord]: ...
+    def last_event_cursor(self) -> int: ...
+    def announce_expiries(self, now_ms: int) -> int: ...
 
     # Latest evidence per device.
     def latest_evidence(self, device_id: str) -> Evidence | None: ...

@@ -21,7 +21,9 @@ from attestd.store.base import (
     AttestationRecord,
     Challenge,
     Conflict,
+    CredentialRecord,
     Device,
+    DeviceStatus,
     Evidence,
     GroupRecord,
     NonceGrant,
@@ -29,6 +31,7 @@ from attestd.store.base import (
     PolicyRecord,
     Rejected,
     StoreUnavailable,
+    VerdictEventRecord,
 )
 
 T = TypeVar("T")
@@ -119,6 +122,43 @@ _SCHEMA: dict[str, tuple[dict[str, Any], str | tuple[str, ...]]] = {
         "name",
     ),
     "group_members": ({"device_id": str, "group_name": str}, "device_id"),
+    # Credentials issued (for revocation and VerifyCredential); tokens are not stored.
+    "credentials": (
+        {
+            "jti": str,
+            "device_id": str,
+            "kid": str,
+            "cert_serial": str,
+            "issued_at_ms": int,
+            "expires_at_ms": int,
+            "key_fingerprint": str,
+        },
+        "jti",
+    ),
+    "device_status": (
+        {
+            "device_id": str,
+            "revoked": int,
+            "revoked_at_ms": int,
+            "revocation_reason": str,
+            "credentials_invalid_before_ms": int,
+            "live_expires_at_ms": int,
+        },
+        "device_id",
+    ),
+    # An append-only feed of verdict changes; the cursor is what watchers resume from.
+    "verdict_events": (
+        {
+            "cursor": int,
+            "device_id": str,
+            "kind": str,
+            "status": str,
+            "at_ms": int,
+            "reason": str,
+            "credential_expires_at_ms": int,
+        },
+        "cursor",
+    ),
     # The latest evidence of each device (one row per device, replaced on each attestation).
     "evidence": (
         {
@@ -399,6 +439,46 @@ class SqliteStore:
                         record.event_log,
                     ),
                 )
+                self._status_row(c, record.device_id)
+                credential = record.credential
+                if credential is not None:
+                    c.execute(
+                        "INSERT INTO credentials (jti, device_id, kid, cert_serial, issued_at_ms,"
+                        " expires_at_ms, key_fingerprint) VALUES (?,?,?,?,?,?,?)",
+                        (
+                            credential.jti,
+                            credential.device_id,
+                            credential.kid,
+                            credential.cert_serial,
+                            credential.issued_at_ms,
+                            credential.expires_at_ms,
+                            credential.key_fingerprint,
+                        ),
+                    )
+                    c.execute(
+                        "UPDATE device_status SET live_expires_at_ms = ? WHERE device_id = ?",
+                        (credential.expires_at_ms, record.device_id),
+                    )
+                    self._event(
+                        c,
+                        record.device_id,
+                        "AFFIRMED",
+                        record.status,
+                        record.at_ms,
+                        "",
+                        credential.expires_at_ms,
+                    )
+                else:
+                    # A failed (re-)attestation ends the device's live credentials.
+                    c.execute(
+                        "UPDATE device_status SET credentials_invalid_before_ms = ?,"
+                        " live_expires_at_ms = 0 WHERE device_id = ?",
+                        (record.at_ms + 1, record.device_id),
+                    )
+                    reason = ",".join(f["code"] for f in record.failures) or record.status
+                    self._event(
+                        c, record.device_id, "FAILED", record.status, record.at_ms, reason, 0
+                    )
                 if accepted_clock is not None:
                     c.execute(
                         "UPDATE devices SET last_attestation_id = ?, clock = ? WHERE device_id = ?",
@@ -750,6 +830,138 @@ class SqliteStore:
                 r[0] for r in self.db.execute("SELECT device_id FROM devices ORDER BY device_id")
             ]
             return [(self.get_device(i), self.latest_evidence(i)) for i in ids]
+
+        return self._run(go)
+
+    # -- credentials, revocation and verdict events ----------------------
+
+    def _event(
+        self,
+        c: Any,
+        device_id: str,
+        kind: str,
+        status: str,
+        at_ms: int,
+        reason: str,
+        expires_ms: int,
+    ) -> None:
+        c.execute(
+            "INSERT INTO verdict_events (device_id, kind, status, at_ms, reason,"
+            " credential_expires_at_ms) VALUES (?,?,?,?,?,?)",
+            (device_id, kind, status, at_ms, reason, expires_ms),
+        )
+
+    @staticmethod
+    def _status_row(c: Any, device_id: str) -> Any:
+        c.execute(
+            "INSERT OR IGNORE INTO device_status (device_id, revoked, revoked_at_ms,"
+            " revocation_reason, credentials_invalid_before_ms, live_expires_at_ms)"
+            " VALUES (?, 0, 0, '', 0, 0)",
+            (device_id,),
+        )
+        return c.execute(
+            "SELECT device_id, revoked, revoked_at_ms, revocation_reason,"
+            " credentials_invalid_before_ms, live_expires_at_ms FROM device_status"
+            " WHERE device_id = ?",
+            (device_id,),
+        ).fetchone()
+
+    def device_status(self, device_id: str) -> DeviceStatus:
+        def go() -> DeviceStatus:
+            row = self.db.execute(
+                "SELECT device_id, revoked, revoked_at_ms, revocation_reason,"
+                " credentials_invalid_before_ms, live_expires_at_ms FROM device_status"
+                " WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
+            if row is None:
+                return DeviceStatus(device_id, False, 0, "", 0, 0)
+            return DeviceStatus(row[0], bool(row[1]), row[2], row[3], row[4], row[5])
+
+        return self._run(go)
+
+    def set_revoked(self, device_id: str, revoked: bool, reason: str, now_ms: int) -> DeviceStatus:
+        def go() -> DeviceStatus:
+            with self._tx() as c:
+                if (
+                    c.execute("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+                    is None
+                ):
+                    raise NotFound(f"device_id: unknown device {device_id!r}", "DEVICE_UNKNOWN")
+                self._status_row(c, device_id)
+                if revoked:
+                    # Every credential issued until now ends now.
+                    c.execute(
+                        "UPDATE device_status SET revoked = 1, revoked_at_ms = ?,"
+                        " revocation_reason = ?, credentials_invalid_before_ms = ?,"
+                        " live_expires_at_ms = 0 WHERE device_id = ?",
+                        (now_ms, reason, now_ms + 1, device_id),
+                    )
+                    self._event(c, device_id, "REVOKED", "", now_ms, reason, 0)
+                else:
+                    c.execute(
+                        "UPDATE device_status SET revoked = 0, revocation_reason = ?"
+                        " WHERE device_id = ?",
+                        (f"readmitted: {reason}", device_id),
+                    )
+                    self._event(c, device_id, "READMITTED", "", now_ms, reason, 0)
+            return self.device_status(device_id)
+
+        return self._run(go)
+
+    def get_credential(self, *, jti: str = "", serial: str = "") -> CredentialRecord | None:
+        def go() -> CredentialRecord | None:
+            # Two fixed statements: no SQL is ever assembled from input.
+            sql = (
+                "SELECT jti, device_id, kid, cert_serial, issued_at_ms, expires_at_ms,"
+                " key_fingerprint FROM credentials WHERE jti = ?"
+                if jti
+                else "SELECT jti, device_id, kid, cert_serial, issued_at_ms, expires_at_ms,"
+                " key_fingerprint FROM credentials WHERE cert_serial = ? AND cert_serial != ''"
+            )
+            row = self.db.execute(sql, (jti or serial,)).fetchone()
+            return None if row is None else CredentialRecord(*row)
+
+        return self._run(go)
+
+    def events_after(
+        self, cursor: int, device_ids: list[str], limit: int
+    ) -> list[VerdictEventRecord]:
+        def go() -> list[VerdictEventRecord]:
+            rows = self.db.execute(
+                "SELECT cursor, device_id, kind, status, at_ms, reason, credential_expires_at_ms"
+                " FROM verdict_events WHERE cursor > ? ORDER BY cursor LIMIT ?",
+                (cursor, limit),
+            ).fetchall()
+            wanted = set(device_ids)
+            return [VerdictEventRecord(*r) for r in rows if not wanted or r[1] in wanted]
+
+        return self._run(go)
+
+    def last_event_cursor(self) -> int:
+        def go() -> int:
+            (n,) = self.db.execute("SELECT COALESCE(MAX(cursor), 0) FROM verdict_events").fetchone()
+            return int(n)
+
+        return self._run(go)
+
+    def announce_expiries(self, now_ms: int) -> int:
+        """Emit EXPIRED for each device whose live credential ran out; returns how many."""
+
+        def go() -> int:
+            with self._tx() as c:
+                due = c.execute(
+                    "SELECT device_id, live_expires_at_ms FROM device_status"
+                    " WHERE live_expires_at_ms > 0 AND live_expires_at_ms <= ?",
+                    (now_ms,),
+                ).fetchall()
+                for device_id, expired in due:
+                    c.execute(
+                        "UPDATE device_status SET live_expires_at_ms = 0 WHERE device_id = ?",
+                        (device_id,),
+                    )
+                    self._event(c, device_id, "EXPIRED", "", expired, "credential expired", expired)
+                return len(due)
 
         return self._run(go)
 

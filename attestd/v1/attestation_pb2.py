@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from attestd.v1 import common_pb2 as attestd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61ttestd/v1/attestation.proto\x12\nattestd.v1\x1a\x17\x61ttestd/v1/common.proto\"$\n\x0fGetNonceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x96\x01\n\x10GetNonceResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x02 \x01(\x03\x12/\n\rpcr_selection\x18\x03 \x03(\x0b\x32\x18.attestd.v1.PcrSelection\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\r\"\x89\x01\n\rAttestRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\r\n\x05quote\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12!\n\x04pcrs\x18\x05 \x03(\x0b\x32\x13.attestd.v1.PcrBank\x12\x11\n\tevent_log\x18\x06 \x01(\x0c\"l\n\x0e\x41ttestResponse\x12$\n\x07verdict\x18\x01 \x01(\x0b\x32\x13.attestd.v1.Verdict\x12\x12\n\ncredential\x18\x02 \x01(\t\x12 \n\x18\x63redential_expires_at_ms\x18\x03 \x01(\x03\x32\x95\x01\n\x0b\x41ttestation\x12\x45\n\x08GetNonce\x12\x1b.attestd.v1.GetNonceRequest\x1a\x1c.attestd.v1.GetNonceResponse\x12?\n\x06\x41ttest\x12\x19.attestd.v1.AttestRequest\x1a\x1a.attestd.v1.AttestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x61ttestd/v1/attestation.proto\x12\nattestd.v1\x1a\x17\x61ttestd/v1/common.proto\"$\n\x0fGetNonceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\x96\x01\n\x10GetNonceResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x02 \x01(\x03\x12/\n\rpcr_selection\x18\x03 \x03(\x0b\x32\x18.attestd.v1.PcrSelection\x12\x13\n\x0bpolicy_name\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\r\"\xba\x01\n\rAttestRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12\r\n\x05quote\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12!\n\x04pcrs\x18\x05 \x03(\x0b\x32\x13.attestd.v1.PcrBank\x12\x11\n\tevent_log\x18\x06 \x01(\x0c\x12/\n\rcertified_key\x18\x07 \x01(\x0b\x32\x18.attestd.v1.CertifiedKey\"O\n\x0c\x43\x65rtifiedKey\x12\x0e\n\x06public\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63\x65rtify_info\x18\x02 \x01(\x0c\x12\x19\n\x11\x63\x65rtify_signature\x18\x03 \x01(\x0c\"\x88\x01\n\x0e\x41ttestResponse\x12$\n\x07verdict\x18\x01 \x01(\x0b\x32\x13.attestd.v1.Verdict\x12\x12\n\ncredential\x18\x02 \x01(\t\x12 \n\x18\x63redential_expires_at_ms\x18\x03 \x01(\x03\x12\x1a\n\x12\x63lient_certificate\x18\x04 \x01(\x0c\x32\x95\x01\n\x0b\x41ttestation\x12\x45\n\x08GetNonce\x12\x1b.attestd.v1.GetNonceRequest\x1a\x1c.attestd.v1.GetNonceResponse\x12?\n\x06\x41ttest\x12\x19.attestd.v1.AttestRequest\x1a\x1a.attestd.v1.AttestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETNONCERESPONSE']._serialized_start=108
   _globals['_GETNONCERESPONSE']._serialized_end=258
   _globals['_ATTESTREQUEST']._serialized_start=261
-  _globals['_ATTESTREQUEST']._serialized_end=398
-  _globals['_ATTESTRESPONSE']._serialized_start=400
-  _globals['_ATTESTRESPONSE']._serialized_end=508
-  _globals['_ATTESTATION']._serialized_start=511
-  _globals['_ATTESTATION']._serialized_end=660
+  _globals['_ATTESTREQUEST']._serialized_end=447
+  _globals['_CERTIFIEDKEY']._serialized_start=449
+  _globals['_CERTIFIEDKEY']._serialized_end=528
+  _globals['_ATTESTRESPONSE']._serialized_start=531
+  _globals['_ATTESTRESPONSE']._serialized_end=667
+  _globals['_ATTESTATION']._serialized_start=670
+  _globals['_ATTESTATION']._serialized_end=819
 # @@protoc_insertion_point(module_scope)

@@ -83,6 +83,7 @@ class AttestRequest(_message.Message):
     SIGNATURE_FIELD_NUMBER: _builtins.int
     PCRS_FIELD_NUMBER: _builtins.int
     EVENT_LOG_FIELD_NUMBER: _builtins.int
+    CERTIFIED_KEY_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     nonce: _builtins.bytes
     quote: _builtins.bytes
@@ -90,10 +91,14 @@ class AttestRequest(_message.Message):
     signature: _builtins.bytes
     """TPMT_SIGNATURE over quote by the device's AK."""
     event_log: _builtins.bytes
-    """The TCG PC Client boot event log (optional for now)."""
+    """The TCG PC Client boot event log (optional unless the policy has event-log rules)."""
     @_builtins.property
     def pcrs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.PcrBank]:
         """The PCR values the quote covers."""
+
+    @_builtins.property
+    def certified_key(self) -> Global___CertifiedKey:
+        """Optional: a TPM-resident signing key to bind the credential to."""
 
     def __init__(
         self,
@@ -104,14 +109,45 @@ class AttestRequest(_message.Message):
         signature: _builtins.bytes = ...,
         pcrs: _abc.Iterable[_common_pb2.PcrBank] | None = ...,
         event_log: _builtins.bytes = ...,
+        certified_key: Global___CertifiedKey | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["certified_key", b"certified_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "event_log", b"event_log", "nonce", b"nonce", "pcrs", b"pcrs", "quote", b"quote", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certified_key", b"certified_key", "device_id", b"device_id", "event_log", b"event_log", "nonce", b"nonce", "pcrs", b"pcrs", "quote", b"quote", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AttestRequest: _TypeAlias = AttestRequest  # noqa: Y015
+
+@_typing.final
+class CertifiedKey(_message.Message):
+    """A key in the device's TPM, certified by its AK (TPM2_Certify, qualifying data = the nonce)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_FIELD_NUMBER: _builtins.int
+    CERTIFY_INFO_FIELD_NUMBER: _builtins.int
+    CERTIFY_SIGNATURE_FIELD_NUMBER: _builtins.int
+    public: _builtins.bytes
+    """TPM2B_PUBLIC of the key."""
+    certify_info: _builtins.bytes
+    """TPMS_ATTEST of type TPM_ST_ATTEST_CERTIFY (the contents of TPM2B_ATTEST)."""
+    certify_signature: _builtins.bytes
+    """TPMT_SIGNATURE over certify_info by the AK."""
+    def __init__(
+        self,
+        *,
+        public: _builtins.bytes = ...,
+        certify_info: _builtins.bytes = ...,
+        certify_signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certify_info", b"certify_info", "certify_signature", b"certify_signature", "public", b"public"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertifiedKey: _TypeAlias = CertifiedKey  # noqa: Y015
 
 @_typing.final
 class AttestResponse(_message.Message):
@@ -120,9 +156,14 @@ class AttestResponse(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     CREDENTIAL_FIELD_NUMBER: _builtins.int
     CREDENTIAL_EXPIRES_AT_MS_FIELD_NUMBER: _builtins.int
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _builtins.int
     credential: _builtins.str
     """Present only when the verdict is affirming: an EAR-shaped JWT, ES256."""
     credential_expires_at_ms: _builtins.int
+    client_certificate: _builtins.bytes
+    """With a certified key and an affirming verdict: an X.509 client certificate (DER) for
+    that key, same lifetime as the credential, from attestd's issuing CA.
+    """
     @_builtins.property
     def verdict(self) -> _common_pb2.Verdict: ...
     def __init__(
@@ -131,10 +172,11 @@ class AttestResponse(_message.Message):
         verdict: _common_pb2.Verdict | None = ...,
         credential: _builtins.str = ...,
         credential_expires_at_ms: _builtins.int = ...,
+        client_certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["verdict", b"verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "credential_expires_at_ms", b"credential_expires_at_ms", "verdict", b"verdict"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_certificate", b"client_certificate", "credential", b"credential", "credential_expires_at_ms", b"credential_expires_at_ms", "verdict", b"verdict"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from attestd.v1 import common_pb2 as attestd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61ttestd/v1/enrollment.proto\x12\nattestd.v1\x1a\x17\x61ttestd/v1/common.proto\"g\n\rEnrollRequest\x12\x16\n\x0e\x65k_certificate\x18\x01 \x01(\x0c\x12\x11\n\tek_public\x18\x02 \x01(\x0c\x12\x11\n\tak_public\x18\x03 \x01(\x0c\x12\x18\n\x10\x65k_intermediates\x18\x04 \x03(\x0c\"\x83\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x03 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x04 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\"J\n\x0f\x41\x63tivateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\x0c\"6\n\x10\x41\x63tivateResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x02 \x01(\t\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xb9\x03\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65k_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x03 \x01(\t\x12\x16\n\x0e\x65nrolled_at_ms\x18\x04 \x01(\x03\x12\x17\n\x0f\x61\x63tivated_at_ms\x18\x05 \x01(\x03\x12\x16\n\x0e\x65k_cert_issuer\x18\x06 \x01(\t\x12\x16\n\x0e\x65k_cert_serial\x18\x07 \x01(\t\x12\x18\n\x10tpm_manufacturer\x18\x08 \x01(\t\x12\x11\n\ttpm_model\x18\t \x01(\t\x12\x13\n\x0btpm_version\x18\n \x01(\t\x12+\n\x0elatest_verdict\x18\x0b \x01(\x0b\x32\x13.attestd.v1.Verdict\x12 \n\x18\x63redential_expires_at_ms\x18\x0c \x01(\x03\x12\r\n\x05group\x18\r \x01(\t\x12\x14\n\x0cgroup_source\x18\x0e \x01(\t\x12\x1d\n\x15\x65\x66\x66\x65\x63tive_policy_name\x18\x0f \x01(\t\x12 \n\x18\x65\x66\x66\x65\x63tive_policy_version\x18\x10 \x01(\r\x12\x17\n\x0f\x62oot_state_json\x18\x11 \x01(\t2\x94\x01\n\nEnrollment\x12?\n\x06\x45nroll\x12\x19.attestd.v1.EnrollRequest\x1a\x1a.attestd.v1.EnrollResponse\x12\x45\n\x08\x41\x63tivate\x12\x1b.attestd.v1.ActivateRequest\x1a\x1c.attestd.v1.ActivateResponse2L\n\x07\x44\x65vices\x12\x41\n\tGetDevice\x12\x1c.attestd.v1.GetDeviceRequest\x1a\x16.attestd.v1.DeviceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61ttestd/v1/enrollment.proto\x12\nattestd.v1\x1a\x17\x61ttestd/v1/common.proto\"g\n\rEnrollRequest\x12\x16\n\x0e\x65k_certificate\x18\x01 \x01(\x0c\x12\x11\n\tek_public\x18\x02 \x01(\x0c\x12\x11\n\tak_public\x18\x03 \x01(\x0c\x12\x18\n\x10\x65k_intermediates\x18\x04 \x03(\x0c\"\x83\x01\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63redential_blob\x18\x03 \x01(\x0c\x12\x18\n\x10\x65ncrypted_secret\x18\x04 \x01(\x0c\x12\x15\n\rexpires_at_ms\x18\x05 \x01(\x03\"J\n\x0f\x41\x63tivateRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\x0c\"6\n\x10\x41\x63tivateResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x02 \x01(\t\"8\n\x13RevokeDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x14ReadmitDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"%\n\x10GetDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"\xfc\x03\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65k_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07\x61k_name\x18\x03 \x01(\t\x12\x16\n\x0e\x65nrolled_at_ms\x18\x04 \x01(\x03\x12\x17\n\x0f\x61\x63tivated_at_ms\x18\x05 \x01(\x03\x12\x16\n\x0e\x65k_cert_issuer\x18\x06 \x01(\t\x12\x16\n\x0e\x65k_cert_serial\x18\x07 \x01(\t\x12\x18\n\x10tpm_manufacturer\x18\x08 \x01(\t\x12\x11\n\ttpm_model\x18\t \x01(\t\x12\x13\n\x0btpm_version\x18\n \x01(\t\x12+\n\x0elatest_verdict\x18\x0b \x01(\x0b\x32\x13.attestd.v1.Verdict\x12 \n\x18\x63redential_expires_at_ms\x18\x0c \x01(\x03\x12\r\n\x05group\x18\r \x01(\t\x12\x14\n\x0cgroup_source\x18\x0e \x01(\t\x12\x1d\n\x15\x65\x66\x66\x65\x63tive_policy_name\x18\x0f \x01(\t\x12 \n\x18\x65\x66\x66\x65\x63tive_policy_version\x18\x10 \x01(\r\x12\x17\n\x0f\x62oot_state_json\x18\x11 \x01(\t\x12\x0f\n\x07revoked\x18\x12 \x01(\x08\x12\x19\n\x11revocation_reason\x18\x13 \x01(\t\x12\x15\n\rrevoked_at_ms\x18\x14 \x01(\x03\x32\x94\x01\n\nEnrollment\x12?\n\x06\x45nroll\x12\x19.attestd.v1.EnrollRequest\x1a\x1a.attestd.v1.EnrollResponse\x12\x45\n\x08\x41\x63tivate\x12\x1b.attestd.v1.ActivateRequest\x1a\x1c.attestd.v1.ActivateResponse2\xe0\x01\n\x07\x44\x65vices\x12\x41\n\tGetDevice\x12\x1c.attestd.v1.GetDeviceRequest\x1a\x16.attestd.v1.DeviceInfo\x12G\n\x0cRevokeDevice\x12\x1f.attestd.v1.RevokeDeviceRequest\x1a\x16.attestd.v1.DeviceInfo\x12I\n\rReadmitDevice\x12 .attestd.v1.ReadmitDeviceRequest\x1a\x16.attestd.v1.DeviceInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,12 +40,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACTIVATEREQUEST']._serialized_end=381
   _globals['_ACTIVATERESPONSE']._serialized_start=383
   _globals['_ACTIVATERESPONSE']._serialized_end=437
-  _globals['_GETDEVICEREQUEST']._serialized_start=439
-  _globals['_GETDEVICEREQUEST']._serialized_end=476
-  _globals['_DEVICEINFO']._serialized_start=479
-  _globals['_DEVICEINFO']._serialized_end=920
-  _globals['_ENROLLMENT']._serialized_start=923
-  _globals['_ENROLLMENT']._serialized_end=1071
-  _globals['_DEVICES']._serialized_start=1073
-  _globals['_DEVICES']._serialized_end=1149
+  _globals['_REVOKEDEVICEREQUEST']._serialized_start=439
+  _globals['_REVOKEDEVICEREQUEST']._serialized_end=495
+  _globals['_READMITDEVICEREQUEST']._serialized_start=497
+  _globals['_READMITDEVICEREQUEST']._serialized_end=554
+  _globals['_GETDEVICEREQUEST']._serialized_start=556
+  _globals['_GETDEVICEREQUEST']._serialized_end=593
+  _globals['_DEVICEINFO']._serialized_start=596
+  _globals['_DEVICEINFO']._serialized_end=1104
+  _globals['_ENROLLMENT']._serialized_start=1107
+  _globals['_ENROLLMENT']._serialized_end=1255
+  _globals['_DEVICES']._serialized_start=1258
+  _globals['_DEVICES']._serialized_end=1482
 # @@protoc_insertion_point(module_scope)

@@ -136,6 +136,51 @@ class ActivateResponse(_message.Message):
 Global___ActivateResponse: _TypeAlias = ActivateResponse  # noqa: Y015
 
 @_typing.final
+class RevokeDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    reason: _builtins.str
+    """Required: why (kept with the revocation and sent to watchers)."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeDeviceRequest: _TypeAlias = RevokeDeviceRequest  # noqa: Y015
+
+@_typing.final
+class ReadmitDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadmitDeviceRequest: _TypeAlias = ReadmitDeviceRequest  # noqa: Y015
+
+@_typing.final
 class GetDeviceRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -175,6 +220,9 @@ class DeviceInfo(_message.Message):
     EFFECTIVE_POLICY_NAME_FIELD_NUMBER: _builtins.int
     EFFECTIVE_POLICY_VERSION_FIELD_NUMBER: _builtins.int
     BOOT_STATE_JSON_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    REVOCATION_REASON_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_MS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     ek_fingerprint: _builtins.str
     """Hex SHA-256 of the EK's SubjectPublicKeyInfo."""
@@ -199,6 +247,9 @@ class DeviceInfo(_message.Message):
     """The boot state (JSON, as `attestd eventlog state` prints it) of the latest
     attestation whose event log agreed with its quote; empty if none.
     """
+    revoked: _builtins.bool
+    revocation_reason: _builtins.str
+    revoked_at_ms: _builtins.int
     @_builtins.property
     def latest_verdict(self) -> _common_pb2.Verdict:
         """The latest appraisal, if the device has attested."""
@@ -223,10 +274,13 @@ class DeviceInfo(_message.Message):
         effective_policy_name: _builtins.str = ...,
         effective_policy_version: _builtins.int = ...,
         boot_state_json: _builtins.str = ...,
+        revoked: _builtins.bool = ...,
+        revocation_reason: _builtins.str = ...,
+        revoked_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latest_verdict", b"latest_verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "boot_state_json", b"boot_state_json", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "effective_policy_name", b"effective_policy_name", "effective_policy_version", b"effective_policy_version", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "group", b"group", "group_source", b"group_source", "latest_verdict", b"latest_verdict", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "boot_state_json", b"boot_state_json", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "effective_policy_name", b"effective_policy_name", "effective_policy_version", b"effective_policy_version", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "group", b"group", "group_source", b"group_source", "latest_verdict", b"latest_verdict", "revocation_reason", b"revocation_reason", "revoked", b"revoked", "revoked_at_ms", b"revoked_at_ms", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -164,6 +164,16 @@ class DevicesStub:
                 request_serializer=attestd_dot_v1_dot_enrollment__pb2.GetDeviceRequest.SerializeToString,
                 response_deserializer=attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.FromString,
                 _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/attestd.v1.Devices/RevokeDevice',
+                request_serializer=attestd_dot_v1_dot_enrollment__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.FromString,
+                _registered_method=True)
+        self.ReadmitDevice = channel.unary_unary(
+                '/attestd.v1.Devices/ReadmitDevice',
+                request_serializer=attestd_dot_v1_dot_enrollment__pb2.ReadmitDeviceRequest.SerializeToString,
+                response_deserializer=attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.FromString,
+                _registered_method=True)
 
 
 class DevicesServicer:
@@ -176,12 +186,36 @@ class DevicesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeDevice(self, request, context):
+        """Ends the device's live credentials at once; no new credential until readmitted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadmitDevice(self, request, context):
+        """Lets a revoked device earn credentials again (at its next affirming attestation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DevicesServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetDevice': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDevice,
                     request_deserializer=attestd_dot_v1_dot_enrollment__pb2.GetDeviceRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=attestd_dot_v1_dot_enrollment__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.SerializeToString,
+            ),
+            'ReadmitDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadmitDevice,
+                    request_deserializer=attestd_dot_v1_dot_enrollment__pb2.ReadmitDeviceRequest.FromString,
                     response_serializer=attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.SerializeToString,
             ),
     }
@@ -212,6 +246,60 @@ class Devices:
             target,
             '/attestd.v1.Devices/GetDevice',
             attestd_dot_v1_dot_enrollment__pb2.GetDeviceRequest.SerializeToString,
+            attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Devices/RevokeDevice',
+            attestd_dot_v1_dot_enrollment__pb2.RevokeDeviceRequest.SerializeToString,
+            attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadmitDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attestd.v1.Devices/ReadmitDevice',
+            attestd_dot_v1_dot_enrollment__pb2.ReadmitDeviceRequest.SerializeToString,
             attestd_dot_v1_dot_enrollment__pb2.DeviceInfo.FromString,
             options,
             channel_credentials,

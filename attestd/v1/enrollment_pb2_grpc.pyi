@@ -89,6 +89,10 @@ class DevicesStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DevicesAsyncStub: ...
     GetDevice: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.GetDeviceRequest, _enrollment_pb2.DeviceInfo]
+    RevokeDevice: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.RevokeDeviceRequest, _enrollment_pb2.DeviceInfo]
+    """Ends the device's live credentials at once; no new credential until readmitted."""
+    ReadmitDevice: _grpc.UnaryUnaryMultiCallable[_enrollment_pb2.ReadmitDeviceRequest, _enrollment_pb2.DeviceInfo]
+    """Lets a revoked device earn credentials again (at its next affirming attestation)."""
 
 @_typing.type_check_only
 class DevicesAsyncStub(DevicesStub):
@@ -96,6 +100,10 @@ class DevicesAsyncStub(DevicesStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetDevice: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.GetDeviceRequest, _enrollment_pb2.DeviceInfo]  # type: ignore[assignment]
+    RevokeDevice: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.RevokeDeviceRequest, _enrollment_pb2.DeviceInfo]  # type: ignore[assignment]
+    """Ends the device's live credentials at once; no new credential until readmitted."""
+    ReadmitDevice: _aio.UnaryUnaryMultiCallable[_enrollment_pb2.ReadmitDeviceRequest, _enrollment_pb2.DeviceInfo]  # type: ignore[assignment]
+    """Lets a revoked device earn credentials again (at its next affirming attestation)."""
 
 class DevicesServicer(metaclass=_abc_1.ABCMeta):
     """Read access to enrolled devices and their latest verdict."""
@@ -106,5 +114,21 @@ class DevicesServicer(metaclass=_abc_1.ABCMeta):
         request: _enrollment_pb2.GetDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_enrollment_pb2.DeviceInfo, _abc.Awaitable[_enrollment_pb2.DeviceInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeDevice(
+        self,
+        request: _enrollment_pb2.RevokeDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.DeviceInfo, _abc.Awaitable[_enrollment_pb2.DeviceInfo]]:
+        """Ends the device's live credentials at once; no new credential until readmitted."""
+
+    @_abc_1.abstractmethod
+    def ReadmitDevice(
+        self,
+        request: _enrollment_pb2.ReadmitDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enrollment_pb2.DeviceInfo, _abc.Awaitable[_enrollment_pb2.DeviceInfo]]:
+        """Lets a revoked device earn credentials again (at its next affirming attestation)."""
 
 def add_DevicesServicer_to_server(servicer: DevicesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

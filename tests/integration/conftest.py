@@ -30,8 +30,10 @@ from attestd.service.server import RunningServer, create_server
 from attestd.v1 import (
     attestation_pb2_grpc,
     enrollment_pb2_grpc,
+    keys_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
+    verdicts_pb2_grpc,
 )
 
 pytestmark = pytest.mark.integration
@@ -76,6 +78,14 @@ class ServerThread:
     @property
     def policy(self) -> policy_pb2_grpc.PolicyStub:
         return policy_pb2_grpc.PolicyStub(self.channel)
+
+    @property
+    def verdicts(self) -> verdicts_pb2_grpc.VerdictsStub:
+        return verdicts_pb2_grpc.VerdictsStub(self.channel)
+
+    @property
+    def keys(self) -> keys_pb2_grpc.KeysStub:
+        return keys_pb2_grpc.KeysStub(self.channel)
 
     def put_policy(self, doc: dict[str, Any], note: str = "test") -> policy_pb2.PolicyInfo:
         info: policy_pb2.PolicyInfo = self.policy.PutPolicy(

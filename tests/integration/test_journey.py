@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from conftest import Device, ServerThread, run_cli, write_yaml
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from tpmsim import SimTpm
 
-from attestd.core.ear import EAR_PROFILE, verify_jwt
-from attestd.v1 import common_pb2, enrollment_pb2
+from attestd.core.ear import EAR_PROFILE, b64url_decode, verify_jwt
+from attestd.v1 import common_pb2, enrollment_pb2, verdicts_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +62,12 @@ def test_enroll_capture_attest_tamper(
     token = (dev.state_dir / "credential.jwt").read_text()
     assert token == result["credential"]
     assert (dev.state_dir / "credential.jwt").stat().st_mode & 0o077 == 0
-    pem = (server.config.data_dir / "signing-key.pem").read_bytes()
-    key = serialization.load_pem_private_key(pem, password=None)
-    claims = verify_jwt(token, key.public_key())  # type: ignore[arg-type]
+    # Verified offline, as a gateway would: with the published JWKS.
+    bundle = server.verdicts.GetTrustBundle(verdicts_pb2.GetTrustBundleRequest())
+    (jwk,) = json.loads(bundle.jwks)["keys"]
+    x, y = (int.from_bytes(b64url_decode(jwk[c]), "big") for c in ("x", "y"))
+    public = ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+    claims = verify_jwt(token, public)
     assert claims["eat_profile"] == EAR_PROFILE
     assert claims["sub"] == dev.device_id
     assert claims["exp"] - claims["iat"] == 3600

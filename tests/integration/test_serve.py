@@ -73,7 +73,9 @@ def test_serve_health_reflection_and_graceful_stop(
     finally:
         assert stop(proc) == 0
     # Key and store are private; the data directory too.
-    assert (data / "signing-key.pem").stat().st_mode & 0o777 == 0o600
+    keys = [*(data / "keys").glob("*.pem"), data / "ca-key.pem"]
+    assert len(keys) == 2
+    assert all(k.stat().st_mode & 0o777 == 0o600 for k in keys)
     assert (data / "attestd.sqlite").stat().st_mode & 0o077 == 0
     assert data.stat().st_mode & 0o077 == 0
 
@@ -82,17 +84,20 @@ def test_signing_key_is_created_once_and_reused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     proc, _ = start_serve("--data-dir", str(data))
     stop(proc)
-    first = (data / "signing-key.pem").read_bytes()
+    first = {k.name: k.read_bytes() for k in (data / "keys").iterdir()}
+    ca = (data / "ca-cert.pem").read_bytes()
     proc, _ = start_serve("--data-dir", str(data))
     stop(proc)
-    assert (data / "signing-key.pem").read_bytes() == first
+    assert {k.name: k.read_bytes() for k in (data / "keys").iterdir()} == first
+    assert (data / "ca-cert.pem").read_bytes() == ca
 
 
 def test_world_readable_signing_key_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     proc, _ = start_serve("--data-dir", str(data))
     stop(proc)
-    os.chmod(data / "signing-key.pem", 0o644)
+    (key,) = (data / "keys").glob("*.pem")
+    os.chmod(key, 0o644)
     exe = Path(sys.executable).parent / "attestd"
     out = subprocess.run(
         [str(exe), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
@@ -118,7 +123,7 @@ def test_config_file_and_flags(tmp_path: Path, manufacturer: Manufacturer) -> No
     )
     proc, _ = start_serve("--config", str(config), "--data-dir", str(tmp_path / "flag-wins"))
     stop(proc)
-    assert (tmp_path / "flag-wins" / "signing-key.pem").exists()
+    assert (tmp_path / "flag-wins" / "keys" / "keys.json").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text("nonce_ttl: 5\n")
     exe = Path(sys.executable).parent / "attestd"
