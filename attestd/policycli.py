@@ -11,6 +11,7 @@ import getpass
 import json
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         ),
     )
     if resp.warning:
-        print(f"warning: {resp.warning}")
+        # stderr: stdout may be the policy itself (`capture … > file.yaml`).
+        print(f"warning: {resp.warning}", file=sys.stderr)
     return _emit(args, resp.document)
 
 

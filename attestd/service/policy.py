@@ -7,23 +7,27 @@ can allow this service to policy authors and admins only (devices never).
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import grpc
 import yaml
 
 from attestd.core.errors import EvidenceError
-from attestd.core.eventlog import parse_event_log
+from attestd.core.eventlog import EventLog, parse_event_log
 from attestd.core.groups import RULE_FIELDS, GroupChoice
 from attestd.core.policy import Policy, diff_policies, load_policy_text, valid_name
 from attestd.core.quote import appraise_values, describe_selection
 from attestd.core.tpm import Bank
+from attestd.core.verdict import Failure
 from attestd.service.attestation import failure_pb
 from attestd.service.effective import effective_policy, group_choices
 from attestd.service.errors import ServiceError
 from attestd.service.state import ServiceState
-from attestd.store.base import Evidence, GroupRecord, PolicyRecord
+from attestd.store.base import Evidence, GroupRecord, NotFound, PolicyRecord
 from attestd.v1 import policy_pb2, policy_pb2_grpc
+
+T = TypeVar("T")
 
 MAX_NOTE = 1024
 MAX_ASSIGN = 10000
@@ -56,6 +60,14 @@ def parse_ref(
     if not version.isdigit() or int(version) < 1:
         raise ServiceError(f"{field}: version {version!r} must be a positive number", "MALFORMED")
     return name, int(version)
+
+
+async def _named(field: str, call: Awaitable[T]) -> T:
+    """Await a store call; a NotFound names the request field it is about."""
+    try:
+        return await call
+    except NotFound as e:
+        raise NotFound(f"{field}: {e}", e.code) from None
 
 
 def _note(note: str) -> str:
@@ -193,7 +205,7 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             raise ServiceError(
                 "name: 1-64 characters of letters, digits, '.', '_' or '-'", "MALFORMED"
             )
-        await self.s.store(self._store.get_device, request.device_id)
+        await _named("device_id", self.s.store(self._store.get_device, request.device_id))
         evidence: Evidence | None = await self.s.store(
             self._store.latest_evidence, request.device_id
         )
@@ -259,25 +271,26 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
         else:
             raise ServiceError("candidate: give a document or a ref", "MALFORMED")
         if request.group:
-            await self.s.store(self._store.get_group, request.group)
+            await _named("group", self.s.store(self._store.get_group, request.group))
         rows = await self.s.store(self._store.all_evidence)
         choices = await group_choices(self.s, [d for d, _ in rows])
         response = policy_pb2.DryRunPolicyResponse()
         for device, evidence in rows:
             choice = choices[device.device_id]
+            _, current = await effective_policy(self.s, device, choice)
             if request.group:
                 if choice.group != request.group:
                     continue
-            else:
-                _, current = await effective_policy(self.s, device, choice)
-                if current is None or current.name != candidate.name:
-                    continue
-            self._dry_run_one(candidate, device.device_id, choice, evidence, response)
+            elif current is None or current.name != candidate.name:
+                continue
+            in_force = self.s.policy_of(current) if current is not None else None
+            self._dry_run_one(candidate, in_force, device.device_id, choice, evidence, response)
         return response
 
     def _dry_run_one(
         self,
         candidate: Policy,
+        in_force: Policy | None,
         device_id: str,
         choice: GroupChoice,
         evidence: Evidence | None,
@@ -291,36 +304,31 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             Bank(bank): {int(i): bytes.fromhex(d) for i, d in values.items()}
             for bank, values in evidence.pcrs.items()
         }
-        missing = {
-            bank: frozenset(idx) - frozenset(pcrs.get(bank, {}))
-            for bank, idx in candidate.pcrs.items()
-        }
-        missing = {b: m for b, m in missing.items() if m}
-        if missing:
-            response.skipped.append(
-                f"{device_id}: last quote does not cover {describe_selection(missing)}"
-            )
-            return
         try:
             log = parse_event_log(evidence.event_log) if evidence.event_log else None
         except EvidenceError as e:  # accepted once; only a tightened limit can refuse it now
             response.skipped.append(f"{device_id}: stored event log unusable: {e}")
             return
-        # As a real attestation under the candidate would: only the PCRs it selects.
-        selected = {bank: {i: pcrs[bank][i] for i in idx} for bank, idx in candidate.pcrs.items()}
-        result = appraise_values(candidate, selected, log)
+        judged = _judge(candidate, pcrs, log)
+        if isinstance(judged, str):
+            response.skipped.append(f"{device_id}: last quote does not cover {judged}")
+            return
+        # Like with like: the policy in force judged by the same rules over the same
+        # evidence (the stored status also reflects nonce and clock checks no policy changes).
+        now = _judge(in_force, pcrs, log) if in_force is not None else None
+        current_pass = not now if isinstance(now, tuple) else evidence.status in PASSING
         response.evaluated += 1
-        candidate_status = "contraindicated" if result.failures else "affirming"
-        if (evidence.status in PASSING) == (candidate_status in PASSING):
+        candidate_status = "contraindicated" if judged else "affirming"
+        if current_pass == (not judged):
             response.unchanged += 1
             return
         response.changed.append(
             policy_pb2.DryRunDevice(
                 device_id=device_id,
                 group=choice.group or "",
-                current_status=evidence.status,
+                current_status="affirming" if current_pass else "contraindicated",
                 candidate_status=candidate_status,
-                failures=[failure_pb(f) for f in result.failures],
+                failures=[failure_pb(f) for f in judged],
             )
         )
 
@@ -384,7 +392,9 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
     ) -> policy_pb2.Group:
         if not request.name:
             raise ServiceError("name: required", "MALFORMED")
-        return self._group_pb(await self.s.store(self._store.get_group, request.name))
+        return self._group_pb(
+            await _named("name", self.s.store(self._store.get_group, request.name))
+        )
 
     async def ListGroups(
         self, request: policy_pb2.ListGroupsRequest, context: grpc.aio.ServicerContext
@@ -403,7 +413,7 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
                 "GROUP_IS_DEFAULT",
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
-        await self.s.store(self._store.delete_group, request.name)
+        await _named("name", self.s.store(self._store.delete_group, request.name))
         return policy_pb2.DeleteGroupResponse()
 
     async def AssignDevices(
@@ -425,3 +435,18 @@ class PolicyService(policy_pb2_grpc.PolicyServicer):
             raise ServiceError(f"device_ids: between 1 and {MAX_ASSIGN} ids", "MALFORMED")
         await self.s.store(self._store.unassign_devices, list(request.device_ids))
         return policy_pb2.UnassignDevicesResponse()
+
+
+def _judge(
+    policy: Policy, pcrs: dict[Bank, dict[int, bytes]], log: EventLog | None
+) -> tuple[Failure, ...] | str:
+    """The policy's failures over stored evidence, or what the evidence does not cover."""
+    missing = {
+        bank: frozenset(idx) - frozenset(pcrs.get(bank, {})) for bank, idx in policy.pcrs.items()
+    }
+    missing = {b: m for b, m in missing.items() if m}
+    if missing:
+        return describe_selection(missing)
+    # As a real attestation under this policy would: only the PCRs it selects.
+    selected = {bank: {i: pcrs[bank][i] for i in idx} for bank, idx in policy.pcrs.items()}
+    return appraise_values(policy, selected, log).failures
