@@ -26,21 +26,20 @@ malformed structures this module must read raise ``MalformedError`` (field
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import struct
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeAlias
 
 from cryptography import x509
 
 from attestd.core.errors import MalformedError
-from attestd.core.eventlog import Event, EventLog, EventType
+from attestd.core.eventlog import BANK_ALGS, Event, EventLog, EventType
 from attestd.core.policy import EventLogRules
-from attestd.core.tpm import Bank, hash_bytes
+from attestd.core.tpm import Alg, Bank, hash_bytes
 from attestd.core.verdict import Code, Failure
 
 FIELD = "event_log"
@@ -68,6 +67,12 @@ SIGNATURE_TYPES: dict[uuid.UUID, str] = {
     uuid.UUID("446dbf63-2502-4cda-bcfa-2465d2b0fe9d"): "EFI_CERT_X509_SHA512",
     uuid.UUID("4aafd29d-68df-49ee-8aa9-347d375665a7"): "EFI_CERT_TYPE_PKCS7",
 }
+
+# The GUIDs as UEFI stores them (EFI_GUID: UUID.bytes_le), compared as bytes.
+_GLOBAL_VARIABLE = EFI_GLOBAL_VARIABLE.bytes_le
+_IMAGE_SECURITY_DATABASE = EFI_IMAGE_SECURITY_DATABASE.bytes_le
+_CERT_X509 = EFI_CERT_X509.bytes_le
+_SIGNATURE_TYPE_NAMES = {guid.bytes_le: name for guid, name in SIGNATURE_TYPES.items()}
 
 # PFP 1.06 adds two SPDM event types for PCR 7 that eventlog.EventType lacks.
 EV_EFI_SPDM_DEVICE_POLICY = 0x800000E3
@@ -99,10 +104,10 @@ PRE_OS_PCRS = range(8)
 # The PCR 7 variables whose value is the Secure Boot policy.
 SECURE_BOOT_VARIABLES = frozenset({"SecureBoot", "PK", "KEK", "db", "dbx"})
 _DATABASES = {
-    "PK": EFI_GLOBAL_VARIABLE,
-    "KEK": EFI_GLOBAL_VARIABLE,
-    "db": EFI_IMAGE_SECURITY_DATABASE,
-    "dbx": EFI_IMAGE_SECURITY_DATABASE,
+    "PK": _GLOBAL_VARIABLE,
+    "KEK": _GLOBAL_VARIABLE,
+    "db": _IMAGE_SECURITY_DATABASE,
+    "dbx": _IMAGE_SECURITY_DATABASE,
 }
 
 # GRUB (grub-core/commands/tpm.c) logs "<prefix><string>" as EV_IPL in PCR 8
@@ -124,6 +129,27 @@ _SIGNATURE_LIST_HEADER = struct.Struct("<16sIII")
 _IMAGE_LOAD_HEADER = struct.Struct("<QQQQ")  # Location, Length, LinkTimeAddress, LengthOfDevicePath
 _TAGGED_EVENT_HEADER = struct.Struct("<II")  # taggedEventID, taggedEventDataSize
 _DEVICE_PATH_NODE = struct.Struct("<BBH")  # Type, SubType, Length
+
+# The event types the per-event loops dispatch on, as plain ints: on Python 3.11
+# each EventType attribute lookup is a Python-level descriptor call.
+_EV_NO_ACTION = int(EventType.EV_NO_ACTION)
+_EV_SEPARATOR = int(EventType.EV_SEPARATOR)
+_EV_ACTION = int(EventType.EV_EFI_ACTION)
+_EV_IPL = int(EventType.EV_IPL)
+_EV_EVENT_TAG = int(EventType.EV_EVENT_TAG)
+_EV_S_CRTM_VERSION = int(EventType.EV_S_CRTM_VERSION)
+_EV_VARIABLE_DRIVER_CONFIG = int(EventType.EV_EFI_VARIABLE_DRIVER_CONFIG)
+_EV_VARIABLE_AUTHORITY = int(EventType.EV_EFI_VARIABLE_AUTHORITY)
+_EV_BOOT_SERVICES_APPLICATION = int(EventType.EV_EFI_BOOT_SERVICES_APPLICATION)
+_EV_FIRMWARE_BLOBS = frozenset(
+    {int(EventType.EV_EFI_PLATFORM_FIRMWARE_BLOB), int(EventType.EV_EFI_PLATFORM_FIRMWARE_BLOB2)}
+)
+_SYSTEMD_CMDLINE_TYPES = frozenset({_EV_IPL, _EV_EVENT_TAG})
+
+_set_field = object.__setattr__  # sets a field of a frozen dataclass in its own __init__
+
+# The certificates one extract_state call has read: DER -> (subject, fingerprint).
+_ReadCertificates: TypeAlias = dict[bytes, tuple[str | None, str]]
 
 
 # --- the boot state ------------------------------------------------------------
@@ -152,6 +178,13 @@ class SignatureHash:
     owner: str
     type: str  # "EFI_CERT_SHA256", …; the SignatureType GUID when unknown
     hash: str  # hex of SignatureData
+
+    def __init__(self, owner: str, type: str, hash: str) -> None:
+        # As eventlog.Event: the dataclass's frozen __init__ costs more than reading
+        # the entry, and a dbx holds hundreds.
+        _set_field(self, "owner", owner)
+        _set_field(self, "type", type)
+        _set_field(self, "hash", hash)
 
     def to_json(self) -> dict[str, Any]:
         return {"owner": self.owner, "type": self.type, "hash": self.hash}
@@ -302,42 +335,41 @@ def extract_state(log: EventLog) -> BootState:
     cmdlines: list[KernelCmdline] = []
     scrtm: str | None = None
     blobs = 0
+    parsed: _ReadCertificates = {}  # authorities repeat db entries
 
     for index, e in enumerate(log.events):
         after_separator = separator is not None and index > separator
-        if e.pcr == 7 and e.type == EventType.EV_EFI_VARIABLE_DRIVER_CONFIG:
+        pcr, etype = e.pcr, e.type
+        if pcr == 7 and etype == _EV_VARIABLE_DRIVER_CONFIG:
             # PFP (PCR[7]): the policy is what was measured before the separator;
             # later measurements are reported by check_events, not believed here.
             if after_separator or not _digest_matches(e, e.data):
                 continue
             var = _parse_variable(e, strict=True)
-            if var.guid == EFI_GLOBAL_VARIABLE and var.name == "SecureBoot":
+            if var.guid == _GLOBAL_VARIABLE and var.name == "SecureBoot":
                 secure_boot_values.append(var.data)
             elif _DATABASES.get(var.name) == var.guid and var.name not in databases:
-                databases[var.name] = _parse_signature_lists(e, var.data)
-        elif e.pcr == 7 and e.type == EventType.EV_EFI_VARIABLE_AUTHORITY:
-            authorities.append(_authority(e, after_separator))
-        elif e.pcr == 4 and e.type == EventType.EV_EFI_BOOT_SERVICES_APPLICATION:
+                databases[var.name] = _parse_signature_lists(e, var.data, parsed)
+        elif pcr == 7 and etype == _EV_VARIABLE_AUTHORITY:
+            authorities.append(_authority(e, after_separator, parsed))
+        elif pcr == 4 and etype == _EV_BOOT_SERVICES_APPLICATION:
             applications.append(_boot_application(e))
-        elif e.pcr == GRUB_PCR and e.type == EventType.EV_IPL:
+        elif pcr == GRUB_PCR and etype == _EV_IPL:
             if e.data.startswith(GRUB_COMMAND):
                 commands.append(_grub_string(e, GRUB_COMMAND)[0])
             elif e.data.startswith(GRUB_KERNEL_CMDLINE):
                 text, verified = _grub_string(e, GRUB_KERNEL_CMDLINE)
-                cmdlines.append(KernelCmdline(e.number, e.pcr, text, verified))
+                cmdlines.append(KernelCmdline(e.number, pcr, text, verified))
             elif (utf16 := _utf16_text(e.data)) is not None:
                 # systemd-boot before v251 measured the UTF-16 command line into PCR 8.
-                cmdlines.append(KernelCmdline(e.number, e.pcr, utf16, _digest_matches(e, e.data)))
-        elif e.pcr in SYSTEMD_CMDLINE_PCRS and e.type in (EventType.EV_IPL, EventType.EV_EVENT_TAG):
+                cmdlines.append(KernelCmdline(e.number, pcr, utf16, _digest_matches(e, e.data)))
+        elif pcr in SYSTEMD_CMDLINE_PCRS and etype in _SYSTEMD_CMDLINE_TYPES:
             cmdline = _systemd_cmdline(e)
             if cmdline is not None:
                 cmdlines.append(cmdline)
-        elif e.type == EventType.EV_S_CRTM_VERSION and scrtm is None:
+        elif etype == _EV_S_CRTM_VERSION and scrtm is None:
             scrtm = _scrtm_version(e.data)
-        elif e.type in (
-            EventType.EV_EFI_PLATFORM_FIRMWARE_BLOB,
-            EventType.EV_EFI_PLATFORM_FIRMWARE_BLOB2,
-        ):
+        elif etype in _EV_FIRMWARE_BLOBS:
             blobs += 1
 
     return BootState(
@@ -357,7 +389,7 @@ def extract_state(log: EventLog) -> BootState:
 
 def _pcr7_separator_index(log: EventLog) -> int | None:
     for index, e in enumerate(log.events):
-        if e.pcr == 7 and e.type == EventType.EV_SEPARATOR:
+        if e.pcr == 7 and e.type == _EV_SEPARATOR:
             return index
     return None
 
@@ -385,9 +417,8 @@ def _fail(e: Event, message: str) -> MalformedError:
     )
 
 
-@dataclass(frozen=True)
-class _Variable:
-    guid: uuid.UUID
+class _Variable(NamedTuple):
+    guid: bytes  # VariableName, as stored (UUID.bytes_le)
     name: str
     data: bytes
 
@@ -416,10 +447,10 @@ def _parse_variable(e: Event, *, strict: bool) -> _Variable:
         name = data[_VARIABLE_HEADER.size : name_end].decode("utf-16-le")
     except UnicodeDecodeError:
         raise _fail(e, "UnicodeName is not UTF-16") from None
-    return _Variable(uuid.UUID(bytes_le=guid), name.rstrip("\0"), data[name_end:end])
+    return _Variable(guid, name.rstrip("\0"), data[name_end:end])
 
 
-def _parse_signature_lists(e: Event, data: bytes) -> SignatureDatabase:
+def _parse_signature_lists(e: Event, data: bytes, parsed: _ReadCertificates) -> SignatureDatabase:
     """A signature database: EFI_SIGNATURE_LIST records back to back (UEFI "Signature Database").
 
     Each list: SignatureType, SignatureListSize, SignatureHeaderSize, SignatureSize,
@@ -427,6 +458,7 @@ def _parse_signature_lists(e: Event, data: bytes) -> SignatureDatabase:
     """
     certificates: list[Certificate] = []
     hashes: list[SignatureHash] = []
+    owners: dict[bytes, str] = {}  # a dbx holds hundreds of entries from a few owners
     pos = 0
     while pos < len(data):
         if len(data) - pos < _SIGNATURE_LIST_HEADER.size:
@@ -443,27 +475,39 @@ def _parse_signature_lists(e: Event, data: bytes) -> SignatureDatabase:
             raise _fail(
                 e, f"SignatureSize {signature_size} does not divide the list body at +{pos}"
             )
-        sig_type = uuid.UUID(bytes_le=raw_type)
-        type_name = SIGNATURE_TYPES.get(sig_type, str(sig_type))
+        type_name = _SIGNATURE_TYPE_NAMES.get(raw_type) or _guid_text(raw_type)
+        is_x509 = raw_type == _CERT_X509
         start = pos + _SIGNATURE_LIST_HEADER.size + header_size
         for entry in range(start, start + body, signature_size):
-            owner = str(uuid.UUID(bytes_le=data[entry : entry + 16]))
+            raw_owner = data[entry : entry + 16]
+            owner = owners.get(raw_owner)
+            if owner is None:
+                owner = owners[raw_owner] = _guid_text(raw_owner)
             value = data[entry + 16 : entry + signature_size]
-            if sig_type == EFI_CERT_X509:
-                certificates.append(_certificate(value, owner))
+            if is_x509:
+                certificates.append(_certificate(value, owner, parsed))
             else:
                 hashes.append(SignatureHash(owner, type_name, value.hex()))
         pos += list_size
     return SignatureDatabase(tuple(certificates), tuple(hashes))
 
 
-def _certificate(der: bytes, owner: str | None) -> Certificate:
-    subject: str | None
-    try:
-        subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
-    except Exception:  # hostile DER: cryptography raises several types; the fingerprint stands
-        subject = None
-    return Certificate(owner, subject, hashlib.sha256(der).hexdigest())
+def _guid_text(raw: bytes) -> str:
+    """The registry-format string of a 16-byte EFI_GUID, as ``str(uuid.UUID(bytes_le=raw))``."""
+    h = (raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:16]).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _certificate(der: bytes, owner: str | None, parsed: _ReadCertificates) -> Certificate:
+    known = parsed.get(der)
+    if known is None:
+        subject: str | None
+        try:
+            subject = x509.load_der_x509_certificate(der).subject.rfc4514_string()
+        except Exception:  # hostile DER: cryptography raises several types; the fingerprint stands
+            subject = None
+        known = parsed[der] = (subject, hashlib.sha256(der).hexdigest())
+    return Certificate(owner, *known)
 
 
 def _der_length(data: bytes) -> int | None:
@@ -479,7 +523,7 @@ def _der_length(data: bytes) -> int | None:
     return 2 + count + int.from_bytes(data[2 : 2 + count], "big")
 
 
-def _authority(e: Event, after_separator: bool) -> Authority:
+def _authority(e: Event, after_separator: bool, parsed: _ReadCertificates) -> Authority:
     # The old-shim quirk (see _parse_variable) also left the last byte out of the digest.
     verified = _digest_matches(e, e.data) or (len(e.data) > 0 and _digest_matches(e, e.data[:-1]))
     try:
@@ -492,9 +536,9 @@ def _authority(e: Event, after_separator: bool) -> Authority:
     value = var.data
     certificate = None
     if _der_length(value) == len(value):  # shim: bare DER
-        certificate = _certificate(value, None)
+        certificate = _certificate(value, None, parsed)
     elif len(value) > 16 and _der_length(value[16:]) == len(value) - 16:  # EFI_SIGNATURE_DATA
-        certificate = _certificate(value[16:], str(uuid.UUID(bytes_le=value[:16])))
+        certificate = _certificate(value[16:], _guid_text(value[:16]), parsed)
     return Authority(
         event=e.number,
         variable=var.name,
@@ -512,20 +556,22 @@ def _boot_application(e: Event) -> BootApplication:
     return BootApplication(e.number, _alg_label(alg), digest, _image_path(e.data))
 
 
+_PREFERRED_ALGS = tuple(alg.value for alg in (Alg.SHA256, Alg.SHA1, Alg.SHA384, Alg.SHA512))
+_BANK_NAMES = {bank.alg.value: bank.value for bank in Bank}
+
+
 def _preferred_alg(e: Event) -> int | None:
-    for bank in (Bank.SHA256, Bank.SHA1, Bank.SHA384, Bank.SHA512):
-        if bank.alg.value in e.digests:
-            return bank.alg.value
+    for alg in _PREFERRED_ALGS:
+        if alg in e.digests:
+            return alg
     return next(iter(e.digests), None)
 
 
 def _alg_label(alg: int | None) -> str:
     if alg is None:
         return ""
-    try:
-        return Bank.from_alg(alg).value
-    except ValueError:
-        return f"0x{alg:04x}"
+    name = _BANK_NAMES.get(alg)
+    return name if name is not None else f"0x{alg:04x}"
 
 
 def _image_path(data: bytes) -> str:
@@ -563,7 +609,7 @@ def _device_path_text(path: bytes) -> str | None:
             except UnicodeDecodeError:
                 return None
         elif node_type == 0x04 and subtype == 0x06 and len(body) == 16:  # PIWG FV file
-            firmware_file = f"FvFile({uuid.UUID(bytes_le=body)})"
+            firmware_file = f"FvFile({_guid_text(body)})"
         pos += length
     if parts:
         joined = parts[0]
@@ -596,7 +642,7 @@ def _systemd_cmdline(e: Event) -> KernelCmdline | None:
     are not command lines.
     """
     payload = e.data
-    if e.type == EventType.EV_EVENT_TAG:
+    if e.type == _EV_EVENT_TAG:
         # PFP TCG_PCClientTaggedEvent: taggedEventID, taggedEventDataSize, taggedEventData.
         if len(payload) < _TAGGED_EVENT_HEADER.size:
             return None
@@ -646,35 +692,28 @@ def _scrtm_version(data: bytes) -> str:
 # --- digests -------------------------------------------------------------------
 
 
-def _known_bank(alg: int) -> bool:
-    try:
-        Bank.from_alg(alg)
-    except ValueError:
-        return False
-    return True
-
-
-def _hash(alg: int, data: bytes) -> bytes | None:
-    """H_alg(data) for a bank attestd knows, else None (e.g. SM3: carried, not checked)."""
-    return hash_bytes(alg, data) if _known_bank(alg) else None
-
-
 def _digest_matches(e: Event, data: bytes) -> bool:
-    """Every digest of ``e`` that attestd can compute is H(data); at least one is."""
+    """Every digest of ``e`` that attestd can compute is H(data); at least one is.
+
+    Banks without a hash attestd knows (e.g. SM3) are carried, not checked. The
+    hashes of the event's own data are computed once per event (``Event.data_hashes``).
+    """
+    hashes = e.data_hashes if data == e.data else None
     checked = False
     for alg, digest in e.digests.items():
-        expected = _hash(alg, data)
-        if expected is None:
+        if alg not in BANK_ALGS:
             continue
+        expected = hash_bytes(alg, data) if hashes is None else hashes[alg]
         if expected != digest:
             return False
         checked = True
     return checked
 
 
-@functools.cache
-def _separator_digests(alg: int) -> frozenset[bytes]:
-    return frozenset(hash_bytes(alg, v) for v in SEPARATOR_VALUES)
+# (TPM_ALG_ID, digest) of the PCR 0-7 separator values in each bank.
+_SEPARATOR_DIGESTS = frozenset(
+    (alg, hash_bytes(alg, value)) for alg in BANK_ALGS for value in SEPARATOR_VALUES
+)
 
 
 # --- event semantics ------------------------------------------------------------
@@ -684,10 +723,12 @@ def _subject(e: Event) -> str:
     return f"event[{e.number}] pcr {e.pcr} {e.type_name}"
 
 
-def _digest_failures(e: Event, data: bytes, what: str) -> list[Failure]:
+def _digest_failures(e: Event, what: str) -> list[Failure]:
+    """EVENT_DIGEST_MISMATCH for each digest of ``e`` that is not the hash of its data."""
     out = []
+    hashes = e.data_hashes
     for alg, digest in e.digests.items():
-        expected = _hash(alg, data)
+        expected = hashes.get(alg)
         if expected is None or expected == digest:
             continue
         out.append(
@@ -732,11 +773,12 @@ def check_events(log: EventLog) -> list[Failure]:
     """
     failures: list[Failure] = []
     separators: dict[int, Event] = {}
-    policy_variables: dict[tuple[uuid.UUID, str], Event] = {}
+    policy_variables: dict[tuple[bytes, str], Event] = {}
     for e in log.events:
-        if e.type == EventType.EV_NO_ACTION:
+        etype = e.type
+        if etype == _EV_NO_ACTION:
             continue  # not extended (PFP 10.4.5); replay ignores them too
-        if e.pcr in PRE_OS_PCRS and e.type != EventType.EV_SEPARATOR and _is_separator_digest(e):
+        if e.pcr in PRE_OS_PCRS and etype != _EV_SEPARATOR and _is_separator_digest(e):
             failures.append(
                 Failure(
                     Code.EVENT_RETYPED,
@@ -748,14 +790,14 @@ def check_events(log: EventLog) -> list[Failure]:
                 )
             )
             continue  # its type is a lie: the type's own checks would only repeat this
-        if e.type == EventType.EV_SEPARATOR:
+        if etype == _EV_SEPARATOR:
             failures.extend(_check_separator(e, separators))
-        elif e.type == EventType.EV_EFI_VARIABLE_DRIVER_CONFIG:
-            failures.extend(_digest_failures(e, e.data, "its UEFI_VARIABLE_DATA"))
-        elif e.type == EventType.EV_EFI_ACTION:
+        elif etype == _EV_VARIABLE_DRIVER_CONFIG:
+            failures.extend(_digest_failures(e, "its UEFI_VARIABLE_DATA"))
+        elif etype == _EV_ACTION:
             failures.extend(_check_action(e))
-        elif e.type == EventType.EV_S_CRTM_VERSION:
-            failures.extend(_digest_failures(e, e.data, "its version data"))
+        elif etype == _EV_S_CRTM_VERSION:
+            failures.extend(_digest_failures(e, "its version data"))
         if e.pcr == 7:
             failures.extend(_check_pcr7(e, 7 in separators, policy_variables))
     return failures
@@ -777,13 +819,11 @@ def _check_action(e: Event) -> list[Failure]:
         ]
     if _digest_matches(e, text):
         return []
-    return _digest_failures(e, e.data, "its action string")
+    return _digest_failures(e, "its action string")
 
 
 def _is_separator_digest(e: Event) -> bool:
-    return any(
-        _known_bank(alg) and digest in _separator_digests(alg) for alg, digest in e.digests.items()
-    )
+    return not _SEPARATOR_DIGESTS.isdisjoint(e.digests.items())
 
 
 def _check_separator(e: Event, separators: dict[int, Event]) -> list[Failure]:
@@ -813,14 +853,14 @@ def _check_separator(e: Event, separators: dict[int, Event]) -> list[Failure]:
                     "firmware reported an error, anything else is not a separator",
                 )
             )
-    out.extend(_digest_failures(e, e.data, "its separator value"))
+    out.extend(_digest_failures(e, "its separator value"))
     return out
 
 
 def _check_pcr7(
     e: Event,
     after_separator: bool,
-    policy_variables: dict[tuple[uuid.UUID, str], Event],
+    policy_variables: dict[tuple[bytes, str], Event],
 ) -> list[Failure]:
     if e.type not in PCR7_TYPES:
         allowed = ", ".join(_type_label(t) for t in sorted(PCR7_TYPES))
@@ -833,7 +873,7 @@ def _check_pcr7(
                 "PCR 7 holds only the Secure Boot policy and the authorities used under it",
             )
         ]
-    if e.type != EventType.EV_EFI_VARIABLE_DRIVER_CONFIG:
+    if e.type != _EV_VARIABLE_DRIVER_CONFIG:
         return []
     try:
         var = _parse_variable(e, strict=True)
@@ -871,7 +911,7 @@ def _check_pcr7(
                 )
             )
     if (
-        var.guid == EFI_GLOBAL_VARIABLE
+        var.guid == _GLOBAL_VARIABLE
         and var.name == "SecureBoot"
         and (len(var.data) > 1 or (var.data and var.data[0] not in (0, 1)))
     ):

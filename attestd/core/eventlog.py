@@ -13,6 +13,8 @@ offset, never ``struct.error`` or ``IndexError``.
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,11 +70,28 @@ class EventType(enum.IntEnum):
     EV_EFI_SPDM_FIRMWARE_CONFIG = 0x800000E2
 
 
+# A plain int for the loops over every event (an enum attribute lookup costs more).
+_EV_NO_ACTION = int(EventType.EV_NO_ACTION)
+
+# The TPM_ALG_IDs that have a PCR bank: the digests attestd can compute and replay.
+BANK_ALGS = frozenset(bank.alg.value for bank in Bank)
+# hashlib's constructor for each bank, which replay looks up once per bank.
+_BANK_HASHES = {
+    Bank.SHA1: hashlib.sha1,
+    Bank.SHA256: hashlib.sha256,
+    Bank.SHA384: hashlib.sha384,
+    Bank.SHA512: hashlib.sha512,
+}
+
+
 def type_name(event_type: int) -> str:
     try:
         return EventType(event_type).name
     except ValueError:
         return f"0x{event_type:08x}"
+
+
+_set_field = object.__setattr__  # sets a field of a frozen dataclass in its own __init__
 
 
 @dataclass(frozen=True)
@@ -86,12 +105,39 @@ class Event:
     digests: Mapping[int, bytes]  # TPM_ALG_ID -> digest
     data: bytes
 
+    def __init__(
+        self,
+        number: int,
+        offset: int,
+        pcr: int,
+        type: int,
+        digests: Mapping[int, bytes],
+        data: bytes,
+    ) -> None:
+        # The dataclass's frozen __init__, with object.__setattr__ looked up for each
+        # field, costs more than reading the record; a log has hundreds of events.
+        _set_field(self, "number", number)
+        _set_field(self, "offset", offset)
+        _set_field(self, "pcr", pcr)
+        _set_field(self, "type", type)
+        _set_field(self, "digests", digests)
+        _set_field(self, "data", data)
+
     @property
     def type_name(self) -> str:
         return type_name(self.type)
 
     def digest(self, bank: Bank) -> bytes | None:
         return self.digests.get(bank.alg.value)
+
+    @functools.cached_property
+    def data_hashes(self) -> Mapping[int, bytes]:
+        """H_alg(data) for each algorithm of ``digests`` that has a PCR bank (not SM3).
+
+        Computed on first use and kept with the event (whose fields are frozen), so
+        the checks that compare digests with the data hash it once.
+        """
+        return {alg: hash_bytes(alg, self.data) for alg in self.digests if alg in BANK_ALGS}
 
 
 @dataclass(frozen=True)
@@ -109,9 +155,9 @@ class EventLog:
         (and a quoted PCR of that bank is then "not explained by the log").
         """
         out = []
-        measured = [e for e in self.events if e.type != EventType.EV_NO_ACTION]
+        measured = [e.digests for e in self.events if e.type != _EV_NO_ACTION]
         for alg in self.algorithms:
-            if any(alg not in e.digests for e in measured):
+            if not all(alg in digests for digests in measured):
                 continue
             try:
                 out.append(Bank.from_alg(alg))
@@ -151,6 +197,9 @@ _HEADER = struct.Struct("<II")  # pcrIndex, eventType
 _U32 = struct.Struct("<I")
 _ALG = struct.Struct("<HH")  # algorithmId, digestSize
 _DIGEST_ALG = struct.Struct("<H")
+_U8 = struct.Struct("<B")
+# platformClass, specVersionMinor, specVersionMajor, specErrata, uintnSize
+_SPEC_ID_FIELDS = struct.Struct("<IBBBB")
 
 
 def parse_event_log(data: bytes, limits: Limits = DEFAULT_LIMITS) -> EventLog:
@@ -163,18 +212,86 @@ def parse_event_log(data: bytes, limits: Limits = DEFAULT_LIMITS) -> EventLog:
         raise MalformedError("empty", field=FIELD, offset=0)
     c = _Cursor(bytes(data))
     first = _read_legacy(c, 0, limits)
-    events: list[Event] = []
     if first.type == EventType.EV_NO_ACTION and first.data.startswith(SPEC_ID_SIGNATURE):
         algorithms = _spec_id(first)
-        while c.pos < len(c.data):
-            _check_count(c, len(events), limits)
-            events.append(_read_agile(c, len(events) + 1, algorithms, limits))
+        events = _read_agile_records(c, algorithms, limits)
         return EventLog("crypto-agile", algorithms, tuple(events), len(data))
-    events.append(first)
-    while c.pos < len(c.data):
+    events = _read_legacy_records(c, first, limits)
+    return EventLog("sha1", {Alg.SHA1.value: 20}, tuple(events), len(data))
+
+
+# The record loops below read a well-formed record with one struct.unpack_from of
+# its fixed-size part and check each value against the same bounds as the
+# _Cursor readers. A record they do not accept as it stands is read again by
+# _read_agile / _read_legacy, which raise the precise MalformedError (or read
+# it: a crypto-agile record may list fewer digests, or another order).
+
+
+def _read_agile_records(c: _Cursor, algorithms: Mapping[int, int], limits: Limits) -> list[Event]:
+    """TCG_PCR_EVENT2 records from ``c.pos`` to the end of the log."""
+    data = c.data
+    end = len(data)
+    algs = tuple(algorithms)
+    banks = len(algs)
+    # pcrIndex, eventType, digests.count, then (hashAlg, digest) for each bank in
+    # the Spec ID header's order (as every real log lists them), eventSize.
+    record = struct.Struct("<III" + "".join(f"H{size}s" for size in algorithms.values()) + "I")
+    fixed = record.size
+    max_events = limits.max_events
+    max_size = limits.max_event_size
+    events: list[Event] = []
+    pos = c.pos
+    while pos < end:
+        if len(events) < max_events and pos + fixed <= end:
+            fields = record.unpack_from(data, pos)
+            pcr, etype, count, size = fields[0], fields[1], fields[2], fields[-1]
+            start = pos + fixed
+            if (
+                pcr < PCR_COUNT
+                and count == banks
+                and fields[3:-1:2] == algs
+                and size <= max_size
+                and start + size <= end
+            ):
+                digests = dict(zip(algs, fields[4:-1:2]))  # noqa: B905 (same length)
+                body = data[start : start + size]
+                events.append(Event(len(events) + 1, pos, pcr, etype, digests, body))
+                pos = start + size
+                continue
+        c.pos = pos
+        _check_count(c, len(events), limits)
+        events.append(_read_agile(c, len(events) + 1, algorithms, limits))
+        pos = c.pos
+    return events
+
+
+_LEGACY_RECORD = struct.Struct("<II20sI")  # pcrIndex, eventType, SHA-1 digest, eventDataSize
+
+
+def _read_legacy_records(c: _Cursor, first: Event, limits: Limits) -> list[Event]:
+    """TCG_PCR_EVENT records from ``c.pos`` to the end of the log, after ``first``."""
+    data = c.data
+    end = len(data)
+    fixed = _LEGACY_RECORD.size
+    sha1 = Alg.SHA1.value
+    max_events = limits.max_events
+    max_size = limits.max_event_size
+    events = [first]
+    pos = c.pos
+    while pos < end:
+        if len(events) < max_events and pos + fixed <= end:
+            pcr, etype, digest, size = _LEGACY_RECORD.unpack_from(data, pos)
+            start = pos + fixed
+            if pcr < PCR_COUNT and size <= max_size and start + size <= end:
+                body = data[start : start + size]
+                events.append(Event(len(events), pos, pcr, etype, {sha1: digest}, body))
+                pos = start + size
+                continue
+        c.pos = pos
         _check_count(c, len(events), limits)
         events.append(_read_legacy(c, len(events), limits))
-    return EventLog("sha1", {Alg.SHA1.value: 20}, tuple(events), len(data))
+        pos = c.pos
+    return events
 
 
 def _check_count(c: _Cursor, count: int, limits: Limits) -> None:
@@ -210,9 +327,7 @@ def _spec_id(header: Event) -> dict[int, int]:
     base = header.offset + 32  # where the header event's data starts in the log
     try:
         c.take(16, "signature")
-        _platform_class, _minor, _major, _errata, uintn = c.unpack(
-            struct.Struct("<IBBBB"), "Spec ID fields"
-        )
+        _platform, _minor, _major, _errata, uintn = c.unpack(_SPEC_ID_FIELDS, "Spec ID fields")
         (count,) = c.unpack(_U32, "numberOfAlgorithms")
         if count == 0 or count > 16:
             raise c.fail(f"numberOfAlgorithms {count} outside 1-16")
@@ -221,18 +336,13 @@ def _spec_id(header: Event) -> dict[int, int]:
             alg, size = c.unpack(_ALG, "digestSizes entry")
             if alg in algorithms:
                 raise c.fail(f"algorithm 0x{alg:04x} listed twice")
-            if (
-                alg in (a.value for a in Alg)
-                and Alg(alg) in _KNOWN_SIZES
-                and _KNOWN_SIZES[Alg(alg)] != size
-            ):
-                raise c.fail(
-                    f"{Alg(alg).name} digest size {size}, must be {_KNOWN_SIZES[Alg(alg)]}"
-                )
+            known_size = _KNOWN_SIZES.get(alg)
+            if known_size is not None and known_size != size:
+                raise c.fail(f"{Alg(alg).name} digest size {size}, must be {known_size}")
             if not 1 <= size <= 64:
                 raise c.fail(f"digest size {size} outside 1-64")
             algorithms[alg] = size
-        (vendor_size,) = c.unpack(struct.Struct("<B"), "vendorInfoSize")
+        (vendor_size,) = c.unpack(_U8, "vendorInfoSize")
         c.take(vendor_size, "vendorInfo")
         if c.pos != len(c.data):
             raise c.fail(f"{len(c.data) - c.pos} trailing bytes in the Spec ID event")
@@ -247,7 +357,13 @@ def _spec_id(header: Event) -> dict[int, int]:
     return algorithms
 
 
-_KNOWN_SIZES = {Alg.SHA1: 20, Alg.SHA256: 32, Alg.SHA384: 48, Alg.SHA512: 64, Alg.SM3_256: 32}
+_KNOWN_SIZES: dict[int, int] = {
+    Alg.SHA1: 20,
+    Alg.SHA256: 32,
+    Alg.SHA384: 48,
+    Alg.SHA512: 64,
+    Alg.SM3_256: 32,
+}
 
 
 def _read_agile(c: _Cursor, number: int, algorithms: Mapping[int, int], limits: Limits) -> Event:
@@ -280,7 +396,7 @@ def startup_locality(log: EventLog) -> int | None:
     """The locality of TPM2_Startup from a StartupLocality EV_NO_ACTION event (PFP 10.4.5.3)."""
     for e in log.events:
         if (
-            e.type == EventType.EV_NO_ACTION
+            e.type == _EV_NO_ACTION
             and e.pcr == 0
             and e.data.startswith(STARTUP_LOCALITY_SIGNATURE)
             and len(e.data) == len(STARTUP_LOCALITY_SIGNATURE) + 1
@@ -298,17 +414,17 @@ def replay(log: EventLog) -> dict[Bank, dict[int, bytes]]:
     it like any other event). Only PCRs some event touches are returned.
     """
     locality = startup_locality(log)
+    measured = [(e.pcr, e.digests) for e in log.events if e.type != _EV_NO_ACTION]
     out: dict[Bank, dict[int, bytes]] = {}
     for bank in log.banks:
         size = bank.digest_size
         alg = bank.alg.value
+        new = _BANK_HASHES[bank]
+        zero = bytes(size)
         pcrs: dict[int, bytes] = {}
         if locality is not None:
             pcrs[0] = bytes(size - 1) + bytes([locality])
-        for e in log.events:
-            if e.type == EventType.EV_NO_ACTION:
-                continue
-            current = pcrs.get(e.pcr, bytes(size))
-            pcrs[e.pcr] = hash_bytes(alg, current + e.digests[alg])
+        for pcr, digests in measured:
+            pcrs[pcr] = new(pcrs.get(pcr, zero) + digests[alg]).digest()
         out[bank] = dict(sorted(pcrs.items()))
     return out

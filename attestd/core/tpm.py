@@ -149,9 +149,20 @@ def digest_size(alg: int) -> int:
     return _DIGEST_SIZE[Alg(alg)]
 
 
+_HASH_FUNCTIONS = {
+    Alg.SHA1.value: hashlib.sha1,
+    Alg.SHA256.value: hashlib.sha256,
+    Alg.SHA384.value: hashlib.sha384,
+    Alg.SHA512.value: hashlib.sha512,
+}
+
+
 def hash_bytes(alg: int, data: bytes) -> bytes:
     """H_alg(data) for a TPM hash algorithm."""
-    return hashlib.new(_HASHLIB_NAME[Alg(alg)], data).digest()
+    function = _HASH_FUNCTIONS.get(alg)
+    if function is None:  # raises: ValueError, or KeyError for a TPM_ALG_ID that is no hash
+        return hashlib.new(_HASHLIB_NAME[Alg(alg)], data).digest()
+    return function(data).digest()
 
 
 def crypto_hash(alg: int) -> hashes.HashAlgorithm:
