@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from cryptography.utils import CryptographyDeprecationWarning
 
-from attestd import policycli
+from attestd import gatewaycli, policycli
 from attestd.core.ear import decode_unverified
 from attestd.core.errors import EvidenceError
 from attestd.core.quote import appraise_quote, parse_evidence
@@ -335,9 +335,10 @@ def cmd_agent_attest(args: argparse.Namespace) -> int:
         path = Path(args.event_log or DEFAULT_EVENT_LOG)
         if args.event_log or path.exists():
             event_log = _read(str(path), "event log")
+    bind_key = not args.no_key_binding
     agent = _agent(args)
     try:
-        resp = agent.attest(event_log)
+        resp = agent.attest(event_log, bind_key=bind_key)
     finally:
         agent.close()
     v = resp.verdict
@@ -349,6 +350,11 @@ def cmd_agent_attest(args: argparse.Namespace) -> int:
         out = MessageToDict(resp, preserving_proto_field_name=True)
         if resp.credential:
             out["credential_claims"] = decode_unverified(resp.credential)
+            out["credential_path"] = str(agent.credential_path)
+        if bind_key:
+            out["tls_key_path"] = str(agent.tls_key_path)
+        if resp.client_certificate:
+            out["client_certificate_path"] = str(agent.client_cert_path)
         print(json.dumps(out, indent=2))
     else:
         print(
@@ -361,11 +367,88 @@ def cmd_agent_attest(args: argparse.Namespace) -> int:
         for w in v.warnings:
             print(f"  ! {w.code} {w.subject}: {w.detail}")
         if resp.credential:
-            where = args.credential_out or str(Path(args.state_dir) / "credential.jwt")
+            where = args.credential_out or str(agent.credential_path)
             print(f"credential saved to {where}")
+            if resp.client_certificate:
+                print(f"client certificate saved to {agent.client_cert_path}")
+                print(f"its TPM key (TSS2, for the tpm2 OpenSSL provider) is {agent.tls_key_path}")
+            elif bind_key:
+                print(f"no client certificate issued for the TPM key {agent.tls_key_path}")
         else:
             print("no credential issued")
     return EXIT_OK if v.status == 2 else EXIT_INVALID
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    """Attest now and again before each credential expires, until stopped (SIGTERM/SIGINT)."""
+    import signal
+    import threading
+    import time
+
+    from attestd.agent.client import NotAffirmingError
+
+    log_path: Path | None = None
+    if not args.no_event_log:
+        candidate = Path(args.event_log or DEFAULT_EVENT_LOG)
+        if args.event_log or candidate.exists():
+            log_path = candidate
+
+    def read_event_log() -> bytes:  # read anew for every attestation
+        return _read(str(log_path), "event log") if log_path else b""
+
+    if args.max_renewals is not None and args.max_renewals < 0:
+        raise CliError("--max-renewals must be 0 or more")
+    bind_key = not args.no_key_binding
+    max_renewals = 0 if args.once else args.max_renewals
+    stop = threading.Event()
+    agent = _agent(args)
+
+    def attested(resp: Any, next_s: float | None) -> None:
+        v = resp.verdict
+        until = time.strftime(
+            "%Y-%m-%dT%H:%M:%S%z", time.localtime(resp.credential_expires_at_ms / 1000)
+        )
+        parts = [
+            f"attested: {STATUS_NAMES[v.status].upper()} "
+            f"(policy {v.policy_name}@{v.policy_version})",
+            f"credential {agent.credential_path} valid until {until}",
+        ]
+        if resp.client_certificate:
+            parts.append(f"client certificate {agent.client_cert_path}")
+            parts.append(f"key {agent.tls_key_path}")
+        elif bind_key:
+            parts.append("no client certificate issued")
+        parts.append("done" if next_s is None else f"next renewal in {next_s:.0f} s")
+        print("; ".join(parts), flush=True)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        agent.run(
+            read_event_log,
+            bind_key=bind_key,
+            stop=stop,
+            max_renewals=max_renewals,
+            on_attested=attested,
+        )
+    except NotAffirmingError as e:
+        v = e.response.verdict
+        print(
+            f"verdict: {STATUS_NAMES[v.status].upper()} (policy {v.policy_name}@{v.policy_version})"
+            "; giving up"
+        )
+        for f in v.failures:
+            print(f"  - {f.code} {f.subject}: {f.detail}")
+        return EXIT_INVALID
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        agent.close()
+    if stop.is_set():
+        print("stopped", flush=True)
+    return EXIT_OK
 
 
 def parse_selection(text: str) -> list[tuple[str, list[int]]]:
@@ -433,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--server", default=DEFAULT_SERVER)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_device_show)
+    gatewaycli.register(sub, dev, DEFAULT_SERVER)
 
     c = sub.add_parser("check-quote", help="verify a TPM2 quote offline")
     c.add_argument("--ak", required=True, help="AK: PEM, TPM2B_PUBLIC or TPMT_PUBLIC")
@@ -487,8 +571,34 @@ def build_agent_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--no-event-log", action="store_true", help="send no event log")
     c.add_argument("--credential-out", help="also write the credential here")
+    c.add_argument(
+        "--no-key-binding",
+        action="store_true",
+        help="do not certify the TPM's TLS key (no cnf, no client certificate)",
+    )
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_agent_attest)
+    c = sub.add_parser(
+        "run", help="attest, then renew the credential before it expires, until stopped"
+    )
+    c.add_argument(
+        "--event-log", help=f"boot event log to send (default {DEFAULT_EVENT_LOG}, if present)"
+    )
+    c.add_argument("--no-event-log", action="store_true", help="send no event log")
+    c.add_argument(
+        "--no-key-binding",
+        action="store_true",
+        help="do not certify the TPM's TLS key (no cnf, no client certificate)",
+    )
+    once = c.add_mutually_exclusive_group()
+    once.add_argument("--once", action="store_true", help="attest once and exit")
+    once.add_argument(
+        "--max-renewals",
+        type=int,
+        metavar="N",
+        help="exit after N renewals (default: run until SIGTERM/SIGINT)",
+    )
+    c.set_defaults(func=cmd_agent_run)
     c = sub.add_parser("capture", help="write a policy from this device's current PCRs")
     c.add_argument("--name", required=True)
     c.add_argument("--pcrs", default="sha256:0-9", help="selection, e.g. sha256:0-7,9+sha1:0")

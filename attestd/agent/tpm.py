@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tpm2_pytss import ESAPI, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_SE, TPMA_OBJECT
+from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
@@ -54,6 +55,19 @@ _AK_ATTRS = (
     | TPMA_OBJECT.SENSITIVEDATAORIGIN
     | TPMA_OBJECT.USERWITHAUTH
 )
+# The TLS client key: a plain ECDSA P-256 signing key in the owner hierarchy, created
+# under the SRK that tpm2-openssl also derives (TSSPrivKey), kept as a TSS2 PEM. Its
+# sensitive part never leaves the TPM (fixedTPM, fixedParent, sensitiveDataOrigin),
+# and it is neither restricted nor a decryption key: what attestd certifies and
+# binds the session credential to (attestd/core/certify.py).
+TLS_KEY_ATTRS = (
+    TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+)
+TLS_KEY_ALG = "ecc256:ecdsa-sha256"
 _AK_TEMPLATES = {"rsa": "rsa2048:rsassa-sha256:null", "ecc": "ecc256:ecdsa-sha256:null"}
 _BANK_ALGS = {
     "sha1": TPM2_ALG.SHA1,
@@ -67,11 +81,53 @@ class AgentError(Exception):
     """The TPM could not do what the agent asked; the message says what."""
 
 
+class KeyUnusableError(AgentError):
+    """A saved key can no longer be used in this TPM (wrong TPM, or its owner seed changed)."""
+
+
 @dataclass(frozen=True)
 class Quote:
     attest: bytes  # TPMS_ATTEST
     signature: bytes  # TPMT_SIGNATURE
     pcrs: dict[str, dict[int, bytes]]
+
+
+@dataclass(frozen=True)
+class CertifiedKey:
+    """A key and its TPM2_Certify by the AK, as the Attest RPC carries them."""
+
+    public: bytes  # TPM2B_PUBLIC of the key
+    certify_info: bytes  # TPMS_ATTEST (the contents of the TPM2B_ATTEST)
+    signature: bytes  # TPMT_SIGNATURE by the AK over certify_info
+
+
+def tls_key_template() -> TPMT_PUBLIC:
+    """ECC P-256, ECDSA-SHA256, ``TLS_KEY_ATTRS``; nameAlg SHA-256."""
+    return TPMT_PUBLIC.parse(alg=TLS_KEY_ALG, objectAttributes=TLS_KEY_ATTRS)
+
+
+def tls_key_problem(pem: bytes) -> str | None:
+    """Why a saved TSS2 PEM is not a key the agent would have made, or None if it is.
+
+    Checks the file's own public area (the TPM will check the private part when it
+    loads it): ECC P-256, ECDSA with SHA-256, exactly ``TLS_KEY_ATTRS``, empty auth.
+    """
+    try:
+        key = TSSPrivKey.from_pem(pem)
+        public = key.public.publicArea
+    except Exception as e:  # malformed PEM or DER: the parsers raise several kinds
+        return f"not a TSS2 private key ({e})"
+    want = tls_key_template()
+    ecc, want_ecc = public.parameters.eccDetail, want.parameters.eccDetail
+    if public.type != TPM2_ALG.ECC or ecc.curveID != want_ecc.curveID:
+        return "not an ECC P-256 key"
+    if ecc.scheme.scheme != TPM2_ALG.ECDSA or ecc.scheme.details.ecdsa.hashAlg != TPM2_ALG.SHA256:
+        return "not an ECDSA-SHA256 key"
+    if int(public.objectAttributes) != int(TLS_KEY_ATTRS):
+        return f"attributes {public.objectAttributes} are not {TLS_KEY_ATTRS}"
+    if not key.empty_auth or key.parent != TPM2_RH.OWNER:
+        return "not a key with empty auth under the owner hierarchy's SRK"
+    return None
 
 
 class DeviceTpm:
@@ -172,6 +228,62 @@ class DeviceTpm:
             raise AgentError(f"no AK at handle 0x{handle:08x}; enroll first")
         return tr
 
+    # -- The TLS client key ----------------------------------------------
+
+    def create_tls_key(self) -> bytes:
+        """Create a new TLS client key (``tls_key_template``); returns its TSS2 PEM.
+
+        The key is created under the owner hierarchy's SRK (an ECC P-256 primary
+        from the TCG template, derived anew on each load, as tpm2-openssl does) and
+        returned wrapped by it: only this TPM, with this owner seed, can load it.
+        The transient SRK is flushed before returning.
+        """
+        try:
+            key = TSSPrivKey.create(self.ectx, tls_key_template())
+        except TSS2_Exception as e:
+            raise AgentError(f"cannot create the TLS key: {e}") from None
+        return bytes(key.to_pem())
+
+    @contextmanager
+    def load_tls_key(self, pem: bytes) -> Iterator[tuple[ESYS_TR, bytes]]:
+        """Load a TSS2 PEM into the TPM: (transient handle, TPM2B_PUBLIC), flushed on exit.
+
+        Raises KeyUnusableError when the TPM refuses the key itself (another TPM's
+        key, or the owner hierarchy was cleared), AgentError for anything else.
+        """
+        try:
+            key = TSSPrivKey.from_pem(pem)
+        except Exception as e:  # malformed PEM or DER: the parsers raise several kinds
+            raise KeyUnusableError(f"not a TSS2 private key: {e}") from None
+        try:
+            # Creates the SRK, loads the key under it, flushes the SRK.
+            handle = key.load(self.ectx)
+        except TSS2_Exception as e:
+            if _refuses_object(e):
+                raise KeyUnusableError(f"the TPM cannot load this key: {e}") from None
+            raise AgentError(f"cannot load the TLS key: {e}") from None
+        with self._transient(handle):
+            yield handle, bytes(key.public.marshal())
+
+    def certify_tls_key(
+        self, pem: bytes, nonce: bytes, ak_handle: int = DEFAULT_AK_HANDLE
+    ) -> CertifiedKey:
+        """TPM2_Certify the key in ``pem`` with the AK over ``nonce``."""
+        ak = self.persistent_ak(ak_handle)
+        with self.load_tls_key(pem) as (key, public):
+            try:
+                attest, signature = self.ectx.certify(
+                    key,
+                    ak,
+                    nonce,
+                    TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                    session1=ESYS_TR.PASSWORD,  # the key's (empty) auth
+                    session2=ESYS_TR.PASSWORD,  # the AK's (empty) auth
+                )
+            except TSS2_Exception as e:
+                raise AgentError(f"TPM2_Certify failed: {e}") from None
+        return CertifiedKey(public, bytes(attest), bytes(signature.marshal()))
+
     # -- ActivateCredential -----------------------------------------------
 
     def activate(
@@ -247,6 +359,16 @@ class DeviceTpm:
                 pending = [i for i in pending if i not in values]
             out[bank] = values
         return out
+
+
+def _refuses_object(e: TSS2_Exception) -> bool:
+    """A TPM (not transport) error tied to a parameter or handle, e.g. TPM_RC_INTEGRITY.
+
+    Those mean the object itself is refused; warnings such as TPM_RC_OBJECT_MEMORY
+    and transport errors are not about the key and may pass.
+    """
+    rc = int(e.rc)
+    return rc & 0xFFFF0000 == 0 and bool(rc & 0x80)
 
 
 def _selection(selection: Sequence[tuple[str, Sequence[int]]]) -> TPML_PCR_SELECTION:
