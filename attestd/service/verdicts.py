@@ -152,6 +152,14 @@ class VerdictsService(verdicts_pb2_grpc.VerdictsServicer):
         if status.revoked:
             return _answer(REVOKED, "DEVICE_REVOKED", status.revocation_reason, **fields)
         if record.issued_at_ms < status.credentials_invalid_before_ms:
+            if status.revoked_at_ms and record.issued_at_ms <= status.revoked_at_ms:
+                # Readmission does not revive credentials issued before the revocation.
+                return _answer(
+                    REVOKED,
+                    "DEVICE_REVOKED",
+                    "the device was revoked after this credential was issued",
+                    **fields,
+                )
             return _answer(
                 REVOKED,
                 "SUPERSEDED_BY_FAILURE",

@@ -1,0 +1,431 @@
+"""examples/smart_energy: the gateway admits attested sensors and drops revoked ones.
+
+The gateway and the sensor run as subprocesses, as a user would run them: the
+gateway against the test server, the sensor with the agent's client certificate
+and its TPM-resident key (through the tpm2 OpenSSL provider, OPENSSL_CONF and
+TPM2OPENSSL_TCTI set as examples/smart_energy/README.md says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from conftest import REPO, Device, ServerThread, run_cli
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from attestd.v1 import enrollment_pb2
+
+TPM2_PROVIDER = Path("/usr/lib/x86_64-linux-gnu/ossl-modules/tpm2.so")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not TPM2_PROVIDER.exists(),
+        reason="tpm2-openssl (the OpenSSL 3 tpm2 provider) not installed",
+    ),
+]
+
+EXAMPLE = REPO / "examples" / "smart_energy"
+AFFIRMING = 2
+WAIT_S = 30.0  # upper bound for anything that should take well under a second
+
+
+class Proc:
+    """A subprocess whose stdout lines are collected, each with when it was read."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], stderr_path: Path) -> None:
+        self.stderr_path = stderr_path
+        self._stderr: IO[bytes] = stderr_path.open("wb")
+        self.p = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self._stderr, env=env, cwd=REPO, text=True
+        )
+        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.put((time.monotonic(), line.rstrip("\n")))
+
+    def expect(self, pattern: str, timeout: float = WAIT_S) -> tuple[float, re.Match[str]]:
+        """(monotonic time the line was read, match) of the next line matching."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                at, line = self.lines.get(timeout=max(0.0, min(left, 0.2)))
+            except queue.Empty:
+                if left > 0 and (self.p.poll() is None or self._reader.is_alive()):
+                    continue
+                raise AssertionError(
+                    f"no line matching {pattern!r} within {timeout} s "
+                    f"(exit status {self.p.poll()}); {self.describe()}"
+                ) from None
+            self.seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return at, m
+
+    def wait(self, timeout: float = WAIT_S) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s; {self.describe()}") from None
+
+    def describe(self) -> str:
+        self._stderr.flush()
+        return (
+            f"{self.p.args[1]} stdout so far: {self.seen!r}; stderr:\n"
+            f"{self.stderr_path.read_text(errors='replace')}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not exit; harmless if it has exited."""
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(10)
+        self._reader.join(5)
+        self._stderr.close()
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENSSL_CONF", "TPM2OPENSSL_TCTI")}
+    env["TSS2_LOG"] = "all+none"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_gateway(server: ServerThread, tmp_path: Path) -> tuple[Proc, int]:
+    gateway = Proc(
+        [
+            sys.executable,
+            str(EXAMPLE / "gateway.py"),
+            "--attestd",
+            server.address,
+            "--listen",
+            "127.0.0.1:0",
+            "--readings",
+            str(tmp_path / "readings.jsonl"),
+            "--tls-dir",
+            str(tmp_path / "gateway-tls"),
+        ],
+        base_env(),
+        tmp_path / "gateway.stderr",
+    )
+    _, m = gateway.expect(r"^listening on 127\.0\.0\.1:(\d+)$")
+    return gateway, int(m[1])
+
+
+def start_sensor(dev: Device, port: int, tmp_path: Path, name: str, *extra: str) -> Proc:
+    env = {
+        **base_env(),
+        "OPENSSL_CONF": str(EXAMPLE / "openssl-tpm2.cnf"),
+        "TPM2OPENSSL_TCTI": dev.tpm.tcti,
+    }
+    return Proc(
+        [
+            sys.executable,
+            str(EXAMPLE / "sensor.py"),
+            "--gateway",
+            f"127.0.0.1:{port}",
+            "--gateway-cert",
+            str(tmp_path / "gateway-tls" / "gateway-cert.pem"),
+            "--agent-state",
+            str(dev.state_dir),
+            "--meter",
+            f"meter-{name}",
+            "--interval-ms",
+            "50",
+            *extra,
+        ],
+        env,
+        tmp_path / f"sensor-{name}.stderr",
+    )
+
+
+def readings_of(tmp_path: Path, device_id: str, meter: str) -> list[dict[str, Any]]:
+    path = tmp_path / "readings.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r["device"] == device_id and r["meter"] == meter:
+            out.append(r)
+    return out
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def stranger_identity(tmp_path: Path, device_id: str) -> tuple[Path, Path]:
+    """A certificate naming the device, but from a CA that is not attestd's."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attestd device CA")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"urn:attestd:device:{device_id}")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "stranger-cert.pem", tmp_path / "stranger-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def try_connect(port: int, gateway_cert: Path, identity: tuple[Path, Path] | None = None) -> str:
+    """Connect as a client with `identity` (or none): "admitted ..." or "refused: ..."."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(gateway_cert)
+    if identity is not None:
+        ctx.load_cert_chain(*identity)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            # TLS 1.3: the server judges the client certificate after the client's
+            # side of the handshake; its verdict comes with the first read.
+            data = tls.recv(4096)
+    except (ssl.SSLError, ConnectionError) as e:
+        return f"refused: {e}"
+    if not data:
+        return "refused: closed without a word"
+    return f"answered {data.decode(errors='replace').strip()}"
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_gateway_admits_affirming_sensor_and_drops_it_within_a_second_of_revocation(
+    device: Device, server: ServerThread, tmp_path: Path
+) -> None:
+    resp = device.agent.attest()  # binds the TLS key: client-cert.pem + tls-key.pem
+    assert resp.verdict.status == AFFIRMING, resp.verdict
+    cert_file = device.state_dir / "client-cert.pem"
+    assert cert_file.exists() and (device.state_dir / "tls-key.pem").exists()
+    device_id = device.device_id
+    old_cert = tmp_path / "client-cert-before-revocation.pem"
+    old_cert.write_bytes(cert_file.read_bytes())
+    first_serial = x509.load_pem_x509_certificate(old_cert.read_bytes()).serial_number
+
+    gateway, port = start_gateway(server, tmp_path)
+    gateway_cert = tmp_path / "gateway-tls" / "gateway-cert.pem"
+    sensors: list[Proc] = []
+    try:
+        # 1. The attested device's sensor is admitted; its readings arrive.
+        sensor = start_sensor(device, port, tmp_path, "a")
+        sensors.append(sensor)
+        sensor.expect(rf"^sensor: admitted as {re.escape(device_id)}$")
+        wait_until(
+            "three readings from the sensor",
+            lambda: len(readings_of(tmp_path, device_id, "meter-a")) >= 3,
+        )
+        first = readings_of(tmp_path, device_id, "meter-a")[0]
+        assert first["device"] == device_id and first["kwh"] > 0, first
+
+        # 2. A certificate naming the device but from another CA: refused in the handshake.
+        outcome = try_connect(port, gateway_cert, stranger_identity(tmp_path, device_id))
+        assert outcome.startswith("refused"), outcome
+        # 3. No certificate at all: refused likewise.
+        outcome = try_connect(port, gateway_cert)
+        assert outcome.startswith("refused"), outcome
+        assert sensor.p.poll() is None, "the refusals must not disturb the admitted sensor"
+        wait_until(
+            "the gateway logs both refusals",
+            lambda: (tmp_path / "gateway.stderr").read_text().count("TLS handshake failed") == 2,
+        )
+
+        # 4. Revocation through the real API: the sensor is dropped within a second.
+        called_at = time.monotonic()
+        server.devices.RevokeDevice(
+            enrollment_pb2.RevokeDeviceRequest(device_id=device_id, reason="meter tampering")
+        )
+        returned_at = time.monotonic()
+        noticed_at, m = sensor.expect(r"^sensor: closed by the gateway: (.*)$", timeout=10)
+        # The server wakes its watchers before it answers: the sensor may notice first.
+        print(
+            f"\nRevokeDevice took {(returned_at - called_at) * 1000:.1f} ms; the sensor "
+            f"noticed the closed connection {(noticed_at - returned_at) * 1000:.1f} ms after "
+            f"it returned ({(noticed_at - called_at) * 1000:.1f} ms after the call began)"
+        )
+        assert noticed_at - returned_at < 1.0, f"{noticed_at - returned_at:.3f} s"
+        assert noticed_at - called_at < 1.0, f"{noticed_at - called_at:.3f} s"
+        assert m[1] == "revoked: meter tampering", m[1]
+        assert sensor.wait() == 3, sensor.describe()
+        count = len(readings_of(tmp_path, device_id, "meter-a"))
+        time.sleep(0.3)
+        assert len(readings_of(tmp_path, device_id, "meter-a")) == count
+
+        # 5. A new connection is refused, saying why.
+        again = start_sensor(device, port, tmp_path, "b")
+        sensors.append(again)
+        again.expect(r"^sensor: refused: revoked: meter tampering$")
+        assert again.wait() == 2, again.describe()
+
+        # 6. Readmitted (through the CLI) but not attested since: still refused; the
+        # old certificate predates the revocation.
+        run_cli(
+            "device", "readmit", device_id, "--reason", "inspected", "--server",
+            server.address, check=True,
+        )  # fmt: skip
+        again = start_sensor(device, port, tmp_path, "c")
+        sensors.append(again)
+        again.expect(r"^sensor: refused: ")
+        assert again.wait() == 2, again.describe()
+
+        # 7. Attests again: a new certificate, admitted again, readings arrive.
+        resp = device.agent.attest()
+        assert resp.verdict.status == AFFIRMING, resp.verdict
+        new_serial = x509.load_pem_x509_certificate(cert_file.read_bytes()).serial_number
+        assert new_serial != first_serial
+        # The device is affirming again, but its certificate from before the
+        # revocation is not: attestd says so (VerifyCredential), the gateway refuses it.
+        stale = start_sensor(device, port, tmp_path, "old", "--cert", str(old_cert))
+        sensors.append(stale)
+        stale.expect(r"^sensor: refused: certificate revoked: ")
+        assert stale.wait() == 2, stale.describe()
+        back = start_sensor(device, port, tmp_path, "d")
+        sensors.append(back)
+        back.expect(rf"^sensor: admitted as {re.escape(device_id)}$")
+        wait_until(
+            "readings after readmission",
+            lambda: len(readings_of(tmp_path, device_id, "meter-d")) >= 3,
+        )
+
+        # 8. SIGTERM: the gateway tells the sensor, closes and exits 0.
+        gateway.p.send_signal(signal.SIGTERM)
+        _, m = back.expect(r"^sensor: closed by the gateway: (.*)$", timeout=10)
+        assert m[1] == "gateway shutting down", m[1]
+        assert gateway.wait(15) == 0, gateway.describe()
+        assert back.wait() == 3, back.describe()
+    finally:
+        for s in sensors:
+            s.stop()
+        gateway.stop()
+
+
+def test_gateway_watch_resumes_from_its_cursor_after_attestd_restarts(
+    device_factory: Callable[..., Device], server: ServerThread, tmp_path: Path
+) -> None:
+    """attestd goes away and comes back: the gateway keeps its sensors meanwhile, then
+    reconnects from the last event it saw and still drops a device revoked just then."""
+    first = ServerThread(dataclasses.replace(server.config, data_dir=tmp_path / "attestd"))
+    running = [first]
+    gateway: Proc | None = None
+    sensor: Proc | None = None
+    try:
+        dev = device_factory(target=first)
+        first.put_policy(dev.golden_policy())
+        assert dev.agent.attest().verdict.status == AFFIRMING
+        gateway, port = start_gateway(first, tmp_path)
+        sensor = start_sensor(dev, port, tmp_path, "a")
+        sensor.expect(rf"^sensor: admitted as {re.escape(dev.device_id)}$")
+        log_file = tmp_path / "gateway.stderr"
+        wait_until("the AFFIRMED event is seen", lambda: cursor_of(log_file) >= 1)
+        seen = cursor_of(log_file)
+
+        # attestd stops: the watch is lost, the admitted sensor stays (offline grace).
+        dev.agent.close()  # done with it; its channel would only log the GOAWAY
+        running.remove(first)
+        stop_server(first)
+        wait_until("the gateway notices", lambda: "verdict watch lost" in log_file.read_text())
+        time.sleep(1.5)  # a few failed reconnects and polls
+        assert sensor.p.poll() is None, sensor.describe()
+
+        # attestd is back (same store, same address); the device is revoked at once.
+        second = ServerThread(
+            dataclasses.replace(first.config, listen=first.address, data_dir=tmp_path / "attestd")
+        )
+        running.append(second)
+        second.devices.RevokeDevice(
+            enrollment_pb2.RevokeDeviceRequest(device_id=dev.device_id, reason="stolen")
+        )
+        _, m = sensor.expect(r"^sensor: closed by the gateway: (.*)$", timeout=WAIT_S)
+        assert m[1] == "revoked: stolen", m[1]
+        # The watch picked up where it left off: after the cursor it had, not from 0.
+        wait_until(
+            "the watch replays the revocation", lambda: "revoked dev-" in log_file.read_text()
+        )
+        log = log_file.read_text()
+        resumed = re.findall(r"watching verdict events after cursor (\d+)", log)
+        assert resumed[0] == "0" and resumed[-1] == str(seen), log
+        assert re.search(rf"event {seen + 1}: revoked {dev.device_id}", log), log
+    finally:
+        if sensor is not None:
+            sensor.stop()
+        if gateway is not None:
+            gateway.stop()
+        for s in running:
+            stop_server(s)
+
+
+def stop_server(s: ServerThread) -> None:
+    """ServerThread.stop, letting the cancelled watch streams finish before the loop
+    closes (else asyncio complains that their tasks were destroyed while pending)."""
+
+    async def stop_and_settle() -> None:
+        await s.running.stop(0)
+        await asyncio.sleep(0.2)
+
+    s.channel.close()
+    asyncio.run_coroutine_threadsafe(stop_and_settle(), s.loop).result(30)
+    s.loop.call_soon_threadsafe(s.loop.stop)
+    s.thread.join(10)
+    s.loop.close()
+
+
+def cursor_of(log_file: Path) -> int:
+    """The newest verdict event cursor the gateway logged."""
+    text = log_file.read_text()
+    cursors = [int(c) for c in re.findall(r"event (\d+): ", text)]
+    return max(cursors, default=0)
