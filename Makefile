@@ -29,8 +29,8 @@ proto: setup
 	$(PY) proto/generate.py
 
 check: setup
-	$(VENV)/bin/ruff check attestd tests
-	$(VENV)/bin/ruff format --check attestd tests
+	$(VENV)/bin/ruff check attestd tests examples bench tpm-sim proto
+	$(VENV)/bin/ruff format --check attestd tests examples bench tpm-sim proto
 	$(VENV)/bin/mypy
 
 test: setup

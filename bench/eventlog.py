@@ -67,7 +67,9 @@ def main() -> None:
         theirs = None
         if tool:
             theirs = median_us(
-                lambda f=f: subprocess.run([tool, str(f)], capture_output=True, env=env, check=True),
+                lambda f=f: subprocess.run(
+                    [tool, str(f)], capture_output=True, env=env, check=True
+                ),
                 runs_tool,
             )
         ratio = theirs / ours if theirs else None
@@ -77,7 +79,9 @@ def main() -> None:
             "tpm2_eventlog_subprocess_us": round(theirs, 1) if theirs else None,
             "speedup": round(ratio, 1) if ratio else None,
         }
-        print(f"{f.name:38} {len(data):7d} {ours:11.1f} {theirs or float('nan'):17.1f} {ratio or float('nan'):7.1f}")
+        nan = float("nan")
+        row = f"{f.name:38} {len(data):7d} {ours:11.1f} {theirs or nan:17.1f} {ratio or nan:7.1f}"
+        print(row)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(out.read_text()) if out.exists() else {}
