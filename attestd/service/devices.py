@@ -47,8 +47,13 @@ class DevicesService(enrollment_pb2_grpc.DevicesServicer):
                 info.boot_state_json = json.dumps(latest.boot_state, sort_keys=True)
         status = await self.s.store(store.device_status, device.device_id)
         info.revoked = status.revoked
-        info.revocation_reason = status.revocation_reason
-        info.revoked_at_ms = status.revoked_at_ms
+        if status.revoked:
+            info.revocation_reason = status.revocation_reason
+            info.revoked_at_ms = status.revoked_at_ms
+        # The live credential, not merely the latest issued one (revocation, failure and
+        # expiry end it).
+        live = status.live_expires_at_ms
+        info.credential_expires_at_ms = live if live > self.s.now_ms() else 0
         choice, policy = await effective_policy(self.s, device)
         info.group = choice.group or ""
         info.group_source = choice.source

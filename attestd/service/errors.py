@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -21,6 +21,8 @@ from attestd.store.base import Conflict, NotFound, Rejected, StoreError, StoreUn
 log = logging.getLogger("attestd.service")
 
 CODE_KEY = "attestd-code"
+# Streaming services of grpc itself (health, reflection) are left as they are.
+_NOT_OURS = ("/grpc.",)
 
 
 class ServiceError(Exception):
@@ -87,10 +89,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_stream is not None and not method.startswith(_NOT_OURS):
+            return self._wrap_stream(handler, method)
+        if handler.unary_unary is None:
             return handler
         inner: Handler = handler.unary_unary
-        method = handler_call_details.method
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
@@ -104,6 +110,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 await context.abort(status, message, trailing_metadata=((CODE_KEY, code),))
 
         return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    @staticmethod
+    def _wrap_stream(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        inner = handler.unary_stream
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in inner(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                status, code, message = classify(exc)
+                log.info("%s ended: %s %s", method, status.name, code)
+                await context.abort(status, message, trailing_metadata=((CODE_KEY, code),))
+
+        return grpc.unary_stream_rpc_method_handler(
             wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

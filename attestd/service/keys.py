@@ -62,8 +62,14 @@ class SigningKey:
     created_at_ms: int
     retired_at_ms: int = 0
 
+    # Fixed at retirement from the lifetime then in force (a later, shorter lifetime
+    # must not unpublish a key whose credentials are still live).
+    retired_lifetime_s: int = 0
+
     def publish_until_ms(self, lifetime_s: int) -> int:
-        return 0 if not self.retired_at_ms else self.retired_at_ms + lifetime_s * 1000
+        if not self.retired_at_ms:
+            return 0
+        return self.retired_at_ms + max(lifetime_s, self.retired_lifetime_s) * 1000
 
 
 class SigningKeyring:
@@ -82,7 +88,13 @@ class SigningKeyring:
                 if not isinstance(key, ec.EllipticCurvePrivateKey):
                     raise ConfigError(f"signing key {entry['kid']} is not an EC key")
                 self.keys.append(
-                    SigningKey(entry["kid"], key, entry["created_at_ms"], entry["retired_at_ms"])
+                    SigningKey(
+                        entry["kid"],
+                        key,
+                        entry["created_at_ms"],
+                        entry["retired_at_ms"],
+                        entry.get("retired_lifetime_s", 0),
+                    )
                 )
         else:
             legacy = data_dir / "signing-key.pem"
@@ -107,7 +119,12 @@ class SigningKeyring:
 
     def _save(self) -> None:
         doc = [
-            {"kid": k.kid, "created_at_ms": k.created_at_ms, "retired_at_ms": k.retired_at_ms}
+            {
+                "kid": k.kid,
+                "created_at_ms": k.created_at_ms,
+                "retired_at_ms": k.retired_at_ms,
+                "retired_lifetime_s": k.retired_lifetime_s,
+            }
             for k in self.keys
         ]
         write_private(self.dir / "keys.json", json.dumps(doc, indent=2).encode())
@@ -116,6 +133,7 @@ class SigningKeyring:
         """A new current key; the old one retires (and stays published for a lifetime)."""
         with self._lock:
             self.current.retired_at_ms = now_ms
+            self.current.retired_lifetime_s = self.lifetime_s
             new = self._add(ec.generate_private_key(ec.SECP256R1()), now_ms)
             self._save()
             return new

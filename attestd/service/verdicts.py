@@ -23,6 +23,7 @@ log = logging.getLogger("attestd.verdicts")
 MAX_TOKEN = 16 * 1024
 MAX_CERTIFICATE = 16 * 1024
 WATCH_BATCH = 500
+MAX_WATCH_DEVICES = 10000
 WATCH_POLL_S = 0.5  # other replicas append events too
 _KINDS = {
     "AFFIRMED": verdicts_pb2.VERDICT_EVENT_KIND_AFFIRMED,
@@ -173,6 +174,8 @@ class VerdictsService(verdicts_pb2_grpc.VerdictsServicer):
     ) -> AsyncIterator[verdicts_pb2.VerdictEvent]:
         cursor = request.after_cursor
         devices = list(request.device_ids)
+        if len(devices) > MAX_WATCH_DEVICES:
+            raise ServiceError(f"device_ids: at most {MAX_WATCH_DEVICES}", "MALFORMED")
         store = self.s.store.store
         while True:
             events = await self.s.store(store.events_after, cursor, devices, WATCH_BATCH)
@@ -189,10 +192,6 @@ class VerdictsService(verdicts_pb2_grpc.VerdictsServicer):
             if events:
                 cursor = events[-1].cursor
             else:
-                # Filtered-out events still move the cursor on.
-                last = await self.s.store(store.last_event_cursor)
-                if last > cursor and devices:
-                    cursor = last
                 await self.s.changed(WATCH_POLL_S)
 
     async def GetTrustBundle(
