@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from attestd.v1 import (
 )
 
 EXIT_OK, EXIT_INVALID = 0, 1
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 STATES = {1: "valid", 2: "invalid", 3: "expired", 4: "revoked"}
 KINDS = {1: "affirmed", 2: "failed", 3: "revoked", 4: "readmitted", 5: "expired"}
 
@@ -107,8 +109,12 @@ def cmd_credential_verify(args: argparse.Namespace) -> int:
         token = args.token
         if token in (None, "-"):  # read it from stdin: tokens stay out of shell history
             token = sys.stdin.read().strip()
-        elif Path(token).is_file():
-            token = Path(token).read_text().strip()
+        elif not _JWT.fullmatch(token):  # not a token itself: a file holding one
+            try:
+                token = Path(token).read_text().strip()
+            except OSError as e:
+                print(f"attestd: cannot read token file {token}: {e.strerror}", file=sys.stderr)
+                return 2
         request = verdicts_pb2.VerifyCredentialRequest(token=token, device_id=args.device or "")
     with grpc.insecure_channel(args.server) as ch:
         resp = verdicts_pb2_grpc.VerdictsStub(ch).VerifyCredential(request)

@@ -75,7 +75,15 @@ def parse_certified_key(
 def check_certified_key(evidence: CertifyEvidence, ak: PublicArea, nonce: bytes) -> Failure | None:
     """Checks 1-4. Returns the failed check, or None when the key may be bound."""
     attest = evidence.attest
-    if attest.magic != TPM_GENERATED_VALUE or attest.type != St.ATTEST_CERTIFY:
+    if attest.magic != TPM_GENERATED_VALUE:
+        return Failure(
+            Code.CERTIFY_TYPE_INVALID,
+            "certified_key.certify_info.magic",
+            f"0x{TPM_GENERATED_VALUE:08x}",
+            f"0x{attest.magic:08x}",
+            "not a structure the TPM generated",
+        )
+    if attest.type != St.ATTEST_CERTIFY:
         return Failure(
             Code.CERTIFY_TYPE_INVALID,
             "certified_key.certify_info",

@@ -103,6 +103,9 @@ class VerdictsService(verdicts_pb2_grpc.VerdictsServicer):
             claims = verify_jwt(token, signer.key.public_key())
         except (InvalidSignature, ValueError, KeyError, TypeError):
             return _answer(INVALID, "BAD_SIGNATURE", "the token's signature does not verify")
+        nbf = claims.get("nbf", 0)
+        if not isinstance(nbf, int) or nbf * 1000 > now_ms:
+            return _answer(INVALID, "NOT_YET_VALID", "the token is not valid yet (nbf)")
         jti, sub = str(claims.get("jti", "")), str(claims.get("sub", ""))
         record = await self.s.store(self.s.store.store.get_credential, jti=jti)
         if record is None or record.device_id != sub:
