@@ -41,7 +41,9 @@ demo: setup
 
 # Benchmarks: medians, side by side in one run; results in build/bench.json.
 bench: setup
+	mkdir -p build
 	TSS2_LOG=all+none $(PY) bench/eventlog.py $(if $(QUICK),--quick,)
+	TSS2_LOG=all+none $(PY) bench/e2e.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache demo-data

@@ -1,0 +1,484 @@
+"""End-to-end benchmark over gRPC, and the same at fleet scale.
+
+Fleet sizes: quick, 1 thousand devices; full, 1 thousand, 100 thousand and
+1 million.
+
+1. bench/fleet.py bulk-loads a fresh data directory per size (real schema,
+   enrolled devices with software EKs/AKs, the policy ``default``), in a
+   subprocess with a time bound;
+2. one ``attestd serve --data-dir D --listen 127.0.0.1:PORT`` per size starts
+   as an operator would run it (with ``--workers N`` when this attestd has
+   that flag; the choice is recorded), and is waited for until healthy;
+3. in rounds, each size's server in turn (order rotated), bench/loadgen.py
+   runs in its own process with C concurrent callers: first the bare echo RPC
+   (grpc.health.v1.Health/Check), then attestations (GetNonce -> quote signed
+   over the fresh nonce -> Attest -> affirming verdict and a credential), each
+   after a warm-up, for a fixed time. Background load on this shared machine
+   thus falls on every size, and on echo and attest, alike;
+4. measured beside it: the server's peak memory (sum of VmHWM over the
+   server's processes), the store's size (attestd.sqlite + -wal), and the
+   server's and client's CPU time per request;
+5. the servers are stopped (SIGTERM, by pid) and the data directories removed.
+
+Rates are medians over rounds; latency percentiles are over all rounds pooled.
+Prints a table and merges e2e_attest_per_s, e2e_p50_ms, e2e_p99_ms,
+echo_rpc_per_s (the smallest fleet, i.e. 1 thousand devices), e2e_notes and
+fleet (keyed by device count, this run's sizes only) into build/bench.json,
+keeping other keys.
+
+The load generator and the server share this machine's cores (2 here): the
+client's own CPU per request is reported so the figures can be read with that
+in mind. Read ratios within a run, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from fleet import ak_public_area_tpm2b  # noqa: E402
+from loadgen import descendants, percentile  # noqa: E402
+
+TARGETS = {
+    "attest_vs_echo": 0.40,  # attestations/s >= 40% of echo RPCs/s
+    "p99_ms": 50.0,  # at that load
+    "fleet_latency_ratio": 1.2,  # 1M devices vs 1k
+    "server_memory_mb_1m": 300.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def attestd_exe() -> str:
+    exe = Path(sys.executable).parent / "attestd"
+    return str(exe) if exe.exists() else shutil.which("attestd") or "attestd"
+
+
+def supports_workers() -> bool:
+    out = subprocess.run(
+        [attestd_exe(), "serve", "--help"], capture_output=True, text=True, timeout=60
+    )
+    return "--workers" in out.stdout
+
+
+def git_state() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "attestd"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + (" + uncommitted changes in attestd/" if dirty else "")
+
+
+def status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def memory_mb(pid: int, field: str) -> tuple[float, list[float]]:
+    """Sum and per-process values of ``field`` (VmHWM, VmRSS) over pid and descendants."""
+    per = [status_kb(p, field) / 1024 for p in descendants(pid)]
+    return sum(per), per
+
+
+def store_bytes(data_dir: Path) -> dict[str, int]:
+    out = {}
+    for suffix in ("", "-wal", "-shm"):
+        f = data_dir / f"attestd.sqlite{suffix}"
+        out[suffix or "db"] = f.stat().st_size if f.exists() else 0
+    return out
+
+
+class Server:
+    """``attestd serve`` as a child process of ours; stopped by its pid only."""
+
+    def __init__(self, data_dir: Path, workers: int | None) -> None:
+        self.port = free_port()
+        cmd = [
+            attestd_exe(),
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--ek-root",
+            str(data_dir / "bench-ek-ca.pem"),
+        ]
+        if workers is not None:
+            cmd += ["--workers", str(workers)]
+        self.log = open(data_dir.parent / f"server-{data_dir.name}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.address = self._wait_line(60)
+        self._wait_healthy(60)
+
+    def _wait_line(self, timeout: float) -> str:
+        line: list[str] = []
+        assert self.proc.stdout is not None
+        reader = threading.Thread(
+            target=lambda: line.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        reader.start()
+        reader.join(timeout)
+        if not line or not line[0].startswith("attestd serving on "):
+            self.stop()
+            raise RuntimeError(f"attestd did not start: {line!r}; see {self.log.name}")
+        return line[0].split()[-1]
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                try:
+                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("attestd never became healthy")
+                time.sleep(0.1)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def bulk_load(data_dir: Path, n: int, ak_pool: int, timeout: float) -> float:
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    t0 = time.monotonic()
+    cmd = [sys.executable, str(HERE / "fleet.py"), str(data_dir), str(n)]
+    if ak_pool:
+        cmd += ["--ak-pool", str(ak_pool)]
+    subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL)
+    return time.monotonic() - t0
+
+
+def run_loadgen(server: Server, data_dir: Path, args: argparse.Namespace, seed: int) -> Any:
+    cmd = [
+        sys.executable,
+        str(HERE / "loadgen.py"),
+        "--target",
+        server.address,
+        "--fleet",
+        str(data_dir / "fleet.json"),
+        "--concurrency",
+        str(args.concurrency),
+        "--channels",
+        str(args.channels),
+        "--echo-seconds",
+        str(args.echo_seconds),
+        "--attest-seconds",
+        str(args.attest_seconds),
+        "--warmup",
+        str(args.warmup),
+        "--working-set",
+        str(args.working_set),
+        "--server-pid",
+        str(server.proc.pid),
+        "--seed",
+        str(seed),
+        "--raw",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout)
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(percentile(sorted(values), q), 2)
+
+
+def ak_cache_entry_kb() -> tuple[float, int]:
+    """Memory of one entry of attestd's parsed-AK cache (a P-256 AK), and the cache size."""
+    from attestd.service.state import cached_public
+
+    n = 20_000
+    areas = [ak_public_area_tpm2b(b"cache-probe", i, 0) for i in range(n)]
+    gc.collect()
+    before = status_kb(os.getpid(), "VmRSS")
+    parsed = [cached_public.__wrapped__(a) for a in areas]
+    gc.collect()
+    after = status_kb(os.getpid(), "VmRSS")
+    del parsed
+    return (after - before) / n, int(cached_public.cache_info().maxsize or 0)
+
+
+def aggregate(n: int, runs: list[Any], workers: int, extra: dict[str, Any]) -> dict[str, Any]:
+    att = [x for r in runs for x in r["raw_ms"]["attest"]]
+    echo = [x for r in runs for x in r["raw_ms"]["echo"]]
+    parts = {
+        k: [x for r in runs for x in r["raw_ms"]["attest_parts"][k]]
+        for k in runs[0]["raw_ms"]["attest_parts"]
+    }
+    att_rates = [r["attest"]["per_s"] for r in runs]
+    echo_rates = [r["echo"]["per_s"] for r in runs]
+    ratios = [a / e for a, e in zip(att_rates, echo_rates, strict=True)]
+    att_count = sum(r["attest"]["count"] for r in runs)
+    echo_count = sum(r["echo"]["count"] for r in runs)
+    srv_att = sum(r["attest"]["server_cpu_us_per_attestation"] * r["attest"]["count"] for r in runs)
+    srv_echo = sum(r["echo"]["server_cpu_us_per_rpc"] * r["echo"]["count"] for r in runs)
+    cli_att = sum(r["attest"]["client_cpu_us_per_attestation"] * r["attest"]["count"] for r in runs)
+    cli_echo = sum(r["echo"]["client_cpu_us_per_rpc"] * r["echo"]["count"] for r in runs)
+    return {
+        "devices": n,
+        "e2e_attest_per_s": round(statistics.median(att_rates), 1),
+        "e2e_p50_ms": pct(att, 50),
+        "e2e_p90_ms": pct(att, 90),
+        "e2e_p99_ms": pct(att, 99),
+        "e2e_max_ms": round(max(att), 2),
+        "get_nonce_p50_ms": pct(parts["nonce"], 50),
+        "get_nonce_p99_ms": pct(parts["nonce"], 99),
+        "attest_rpc_p50_ms": pct(parts["attest"], 50),
+        "attest_rpc_p99_ms": pct(parts["attest"], 99),
+        "client_sign_p50_ms": pct(parts["sign"], 50),
+        "echo_rpc_per_s": round(statistics.median(echo_rates), 1),
+        "echo_p50_ms": pct(echo, 50),
+        "echo_p99_ms": pct(echo, 99),
+        "attest_vs_echo": round(statistics.median(ratios), 3),
+        "rounds": [
+            {
+                "attest_per_s": r["attest"]["per_s"],
+                "echo_per_s": r["echo"]["per_s"],
+                "p50_ms": r["attest"]["p50_ms"],
+                "p99_ms": r["attest"]["p99_ms"],
+            }
+            for r in runs
+        ],
+        "attestations": att_count,
+        "attestation_failures": sum(r["attest"]["failures"] for r in runs),
+        "server_cpu_us_per_attestation": round(srv_att / att_count, 1),
+        "server_cpu_us_per_echo": round(srv_echo / echo_count, 1),
+        "client_cpu_us_per_attestation": round(cli_att / att_count, 1),
+        "client_cpu_us_per_echo": round(cli_echo / echo_count, 1),
+        "working_set_devices": runs[0]["working_set"],
+        "server_workers": workers,
+        **extra,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1k devices, short phases")
+    p.add_argument("--sizes", help="comma-separated fleet sizes (default by mode)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds (default by mode)")
+    p.add_argument("--out", default=str(REPO / "build" / "bench.json"))
+    p.add_argument("--workdir", default=str(REPO / "build" / "e2e"))
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=0,
+        help="client connections (0: one per caller, as devices have; spread over the workers)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="server workers (0: one per CPU)")
+    p.add_argument("--ak-pool", type=int, default=0, help="share K AKs (0: one per device)")
+    p.add_argument("--max-load-s", type=float, default=900, help="bound on one bulk load")
+    p.add_argument("--keep", action="store_true", help="keep the data directories")
+    p.add_argument("--no-write", action="store_true", help="do not touch build/bench.json")
+    args = p.parse_args()
+    if args.quick:
+        sizes, rounds = [1000], 2
+        args.echo_seconds, args.attest_seconds, args.warmup, args.working_set = 2, 4, 1, 1000
+    else:
+        sizes, rounds = [1000, 100_000, 1_000_000], 3
+        args.echo_seconds, args.attest_seconds, args.warmup, args.working_set = 5, 10, 2, 50_000
+    if args.sizes:
+        sizes = [int(s) for s in args.sizes.split(",")]
+    rounds = args.rounds or rounds
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.monotonic()
+    load_avg = [os.getloadavg()[0]]
+    workers = 1
+    workers_flag = supports_workers()
+    if workers_flag:
+        workers = args.workers or os.cpu_count() or 1
+    dirs = {n: workdir / f"fleet-{n}" for n in sizes}
+    extra: dict[int, dict[str, Any]] = {}
+    for n in sizes:
+        print(f"-- {n:,} devices: bulk load", file=sys.stderr, flush=True)
+        load_s = bulk_load(dirs[n], n, args.ak_pool, args.max_load_s)
+        loaded = store_bytes(dirs[n])
+        extra[n] = {"bulk_load_s": round(load_s, 1), "store_bytes_after_load": loaded["db"]}
+    servers: dict[int, Server] = {}
+    runs: dict[int, list[Any]] = {n: [] for n in sizes}
+    try:
+        for n in sizes:
+            servers[n] = Server(dirs[n], workers if workers_flag else None)
+            extra[n]["server_rss_mb_after_start"] = round(
+                memory_mb(servers[n].proc.pid, "VmRSS")[0], 1
+            )
+        # Rounds: every fleet's server in turn (order rotated), so background load on this
+        # shared machine falls on all of them alike; echo and attest alternate likewise.
+        for r in range(rounds):
+            for k in range(len(sizes)):
+                n = sizes[(r + k) % len(sizes)]
+                print(f"-- round {r + 1}/{rounds}: {n:,} devices", file=sys.stderr, flush=True)
+                load_avg.append(os.getloadavg()[0])
+                runs[n].append(run_loadgen(servers[n], dirs[n], args, seed=r + 1))
+        for n in sizes:
+            pid = servers[n].proc.pid
+            peak, per_process = memory_mb(pid, "VmHWM")
+            after = store_bytes(dirs[n])
+            extra[n].update(
+                server_peak_rss_mb=round(peak, 1),
+                server_peak_rss_mb_per_process=[round(x, 1) for x in per_process],
+                store_bytes=after["db"] + after["-wal"],
+                store_wal_bytes=after["-wal"],
+            )
+    finally:
+        for n, server in servers.items():
+            extra[n]["server_exit_code"] = server.stop()
+    if not args.keep:
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+    results = {n: aggregate(n, runs[n], workers, extra[n]) for n in sizes}
+
+    # The parsed-AK cache fills up (to its size) only after that many distinct devices
+    # attested to each worker; a timed run sees far fewer. A lower bound of the steady state.
+    entry_kb, cache_size = ak_cache_entry_kb() if max(sizes) > 1000 else (0.0, 0)
+    for n, res in results.items():
+        if not entry_kb:
+            break
+        distinct_aks = min(n, args.ak_pool) if args.ak_pool else n
+        seen_per_worker = res["attestations"] / workers
+        missing = max(0.0, min(cache_size, distinct_aks) - seen_per_worker)
+        res["server_rss_mb_steady_state_lower_bound"] = round(
+            res["server_peak_rss_mb"] + workers * missing * entry_kb / 1024, 1
+        )
+    elapsed = time.monotonic() - t_start
+
+    base = results[min(sizes)]
+    top = results[max(sizes)]
+    notes: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "concurrency": args.concurrency,
+        "channels": args.channels or args.concurrency,
+        "server_workers": workers if workers_flag else "1 (this attestd has no --workers)",
+        "rounds": rounds,
+        "echo_rpc": "grpc.health.v1.Health/Check on the same server",
+        "attestation": "GetNonce + quote signed over the nonce (client) + Attest; latency is "
+        "the whole round; verdict affirming and credential checked on every one",
+        "phases_s_per_round": {
+            "warmup": args.warmup,
+            "echo": args.echo_seconds,
+            "attest": args.attest_seconds,
+        },
+        "aggregation": "rates: median over rounds; latencies: percentiles of all rounds pooled",
+        "ak_pool": args.ak_pool or "one AK per device",
+        "cpus": os.cpu_count(),
+        "load_average_1m": {"min": min(load_avg), "max": max(load_avg)},
+        "attestd": git_state(),
+        "run_s": round(elapsed, 1),
+    }
+    if entry_kb:
+        notes["ak_cache"] = {"entry_kb": round(entry_kb, 2), "entries_per_worker": cache_size}
+    targets = {
+        "attest_vs_echo>=0.40": base["attest_vs_echo"] >= TARGETS["attest_vs_echo"],
+        "p99<=50ms": base["e2e_p99_ms"] <= TARGETS["p99_ms"],
+    }
+    if len(sizes) > 1:
+        ratio = top["e2e_p50_ms"] / base["e2e_p50_ms"]
+        ratio99 = top["e2e_p99_ms"] / base["e2e_p99_ms"]
+        notes["p50_ratio_largest_vs_smallest"] = round(ratio, 2)
+        notes["p99_ratio_largest_vs_smallest"] = round(ratio99, 2)
+        targets["fleet_p50_ratio<=1.2"] = ratio <= TARGETS["fleet_latency_ratio"]
+        targets["fleet_p99_ratio<=1.2"] = ratio99 <= TARGETS["fleet_latency_ratio"]
+    if 1_000_000 in results:
+        r1m = results[1_000_000]
+        targets["server_memory_1m<=300MB"] = (
+            r1m["server_peak_rss_mb"] <= TARGETS["server_memory_mb_1m"]
+        )
+        if "server_rss_mb_steady_state_lower_bound" in r1m:
+            targets["server_memory_1m_steady_state<=300MB"] = (
+                r1m["server_rss_mb_steady_state_lower_bound"] <= TARGETS["server_memory_mb_1m"]
+            )
+    notes["targets_met"] = targets
+
+    hdr = (
+        f"{'devices':>9} {'att/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'echo/s':>7} {'ratio':>6}"
+        f" {'srv µs/att':>10} {'srv µs/echo':>11} {'peak MB':>8} {'store MB':>9} {'load s':>7}"
+    )
+    print(hdr)
+    for n, r in results.items():
+        print(
+            f"{n:9d} {r['e2e_attest_per_s']:7.0f} {r['e2e_p50_ms']:7.1f} {r['e2e_p99_ms']:7.1f}"
+            f" {r['echo_rpc_per_s']:7.0f} {r['attest_vs_echo']:6.2f}"
+            f" {r['server_cpu_us_per_attestation']:10.0f} {r['server_cpu_us_per_echo']:11.0f}"
+            f" {r['server_peak_rss_mb']:8.1f} {r['store_bytes'] / 1e6:9.1f} {r['bulk_load_s']:7.1f}"
+        )
+    print(
+        f"concurrency {args.concurrency}, server workers {notes['server_workers']},"
+        f" {rounds} interleaved rounds, load average {min(load_avg):.1f}-{max(load_avg):.1f};"
+        " targets:"
+    )
+    for name, ok in targets.items():
+        print(f"  {name}: {'met' if ok else 'MISSED'}")
+
+    if args.no_write:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    doc["e2e_attest_per_s"] = base["e2e_attest_per_s"]
+    doc["e2e_p50_ms"] = base["e2e_p50_ms"]
+    doc["e2e_p99_ms"] = base["e2e_p99_ms"]
+    doc["echo_rpc_per_s"] = base["echo_rpc_per_s"]
+    doc["e2e_notes"] = notes
+    # This run's sizes only: figures from different runs are never mixed.
+    doc["fleet"] = {str(n): r for n, r in results.items()}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
