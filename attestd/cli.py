@@ -65,8 +65,11 @@ def _rpc_error(e: grpc.RpcError) -> CliError:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from attestd.service.config import ConfigError, load_config
-    from attestd.service.server import serve
+    from attestd.service.server import WorkerFailed, serve, serve_workers
+    from attestd.store.base import StoreError
 
+    if args.log_level:  # attestd's own loggers (debug: every call, by which worker)
+        logging.getLogger("attestd").setLevel(args.log_level.upper())
     try:
         config = load_config(
             Path(args.config) if args.config else None,
@@ -78,12 +81,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "nonce_ttl_s": args.nonce_ttl,
                 "credential_lifetime_s": args.credential_lifetime,
                 "default_policy": args.default_policy,
+                "workers": args.workers,
+                "history_per_device": args.history_per_device,
+                "event_retention": args.event_retention,
             },
         )
-        asyncio.run(serve(config))
+        workers = config.worker_count()
+        if workers == 1:
+            asyncio.run(serve(config))
+        else:
+            serve_workers(
+                config,
+                workers,
+                logging.getLogger().getEffectiveLevel(),
+                logging.getLogger("attestd").level,
+            )
     except ConfigError as e:
         raise CliError(f"configuration: {e}") from None
-    except OSError as e:
+    except WorkerFailed as e:
+        raise CliError(str(e), e.exit_code) from None
+    except (OSError, StoreError) as e:
         raise CliError(str(e)) from None
     return EXIT_OK
 
@@ -504,6 +521,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nonce-ttl", type=int, help="nonce lifetime in seconds (default 60)")
     s.add_argument("--credential-lifetime", type=int, help="credential lifetime in seconds (3600)")
     s.add_argument("--default-policy", help="policy for devices with none assigned ('default')")
+    s.add_argument(
+        "--workers",
+        type=int,
+        help="processes serving the port (default: one per CPU; one with port 0)",
+    )
+    s.add_argument(
+        "--history-per-device", type=int, help="attestations kept per device (default 100)"
+    )
+    s.add_argument("--event-retention", type=int, help="verdict events kept (default 100000)")
+    s.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="server log level (debug logs every call); overrides -v",
+    )
     s.set_defaults(func=cmd_serve)
 
     policycli.register(sub, DEFAULT_SERVER)

@@ -37,10 +37,39 @@ class ServerConfig:
     issuing_ca_cert: Path | None = None
     issuing_ca_key: Path | None = None
     limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+    # Processes serving the one port (SO_REUSEPORT); None: one per CPU (one on port 0).
+    workers: int | None = None
+    # Attestation rows kept per device (the oldest go; per-device counters keep the totals).
+    history_per_device: int = 100
+    # Verdict events kept (the newest); older ones are deleted by the periodic sweep.
+    event_retention: int = 100_000
 
     @property
     def store_path(self) -> Path:
         return self.data_dir / "attestd.sqlite"
+
+    @property
+    def port(self) -> int | None:
+        """The port of ``listen`` (None if it names none)."""
+        _, _, port = self.listen.rpartition(":")
+        return int(port) if port.isdigit() else None
+
+    def worker_count(self) -> int:
+        """How many worker processes serve ``listen``.
+
+        Port 0 means "any free port", which each worker would pick for itself: several
+        workers need an explicit port to share. Left unset, port 0 (or an address
+        without a port) gets one worker, an explicit port one per CPU.
+        """
+        if self.workers is None:
+            return max(1, os.cpu_count() or 1) if self.port else 1
+        if self.workers > 1 and not self.port:
+            raise ConfigError(
+                f"workers: {self.workers} worker processes need an explicit port to share"
+                f" (listen is {self.listen}: with port 0 each would listen on a port of its"
+                " own); give a port, or run one worker"
+            )
+        return self.workers
 
 
 _FIELDS = {f.name for f in dataclasses.fields(ServerConfig)} - {"limits"}
@@ -68,8 +97,19 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
         if key in values:
             paths = values[key]
             values[key] = tuple(Path(p) for p in ([paths] if isinstance(paths, str) else paths))
-    for key in ("nonce_ttl_s", "challenge_ttl_s", "credential_lifetime_s", "max_message_bytes"):
-        if key in values and (not isinstance(values[key], int) or values[key] <= 0):
+    for key in (
+        "nonce_ttl_s",
+        "challenge_ttl_s",
+        "credential_lifetime_s",
+        "max_message_bytes",
+        "workers",
+        "history_per_device",
+        "event_retention",
+    ):
+        if key not in values or (key == "workers" and values[key] is None):
+            continue
+        value = values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key} must be a positive integer")
     return ServerConfig(**values)
 

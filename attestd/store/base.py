@@ -149,6 +149,16 @@ class VerdictEventRecord:
 
 
 @dataclass(frozen=True)
+class AttestationCounts:
+    """A device's attestations since enrollment; they survive the pruning of old rows."""
+
+    device_id: str
+    total: int
+    affirming: int  # appraisals that earned a credential (an AFFIRMED verdict event)
+    failed: int  # every other one: no credential, a FAILED event (warning status included)
+
+
+@dataclass(frozen=True)
 class AttestationRecord:
     device_id: str
     at_ms: int
@@ -188,6 +198,9 @@ class Store(Protocol):
         self, record: AttestationRecord, accepted_clock: dict[str, int] | None
     ) -> int: ...
     def latest_attestation(self, device_id: str) -> AttestationRecord | None: ...
+    # Only the newest rows of each device are kept (how many is the store's setting);
+    # these counters count every attestation ever recorded.
+    def attestation_counts(self, device_id: str) -> AttestationCounts: ...
 
     # Policies (versions are immutable; delete hides every version of a name).
     def put_policy(
@@ -219,11 +232,23 @@ class Store(Protocol):
         self, device_id: str, revoked: bool, reason: str, now_ms: int
     ) -> DeviceStatus: ...
     def get_credential(self, *, jti: str = "", serial: str = "") -> CredentialRecord | None: ...
+    # Events after ``cursor``, oldest first. Old events are pruned (``prune``): a cursor
+    # older than the oldest kept event resumes at the oldest kept event, so a watcher
+    # that was away longer than the retention silently misses the pruned ones; one that
+    # must not can compare its cursor with ``oldest_event_cursor()`` and resynchronise.
     def events_after(
         self, cursor: int, device_ids: list[str], limit: int
     ) -> list[VerdictEventRecord]: ...
     def last_event_cursor(self) -> int: ...
+    def oldest_event_cursor(self) -> int: ...  # 0 when there are none
+    # Idempotent across replicas: each expiry is announced once, whoever runs it.
     def announce_expiries(self, now_ms: int) -> int: ...
+
+    # Retention: keeps the newest ``event_retention`` verdict events and deletes nonces,
+    # challenges and credential records long expired. Deletes in bounded batches (the
+    # write lock is held briefly); returns how many rows went, so a caller can repeat
+    # while it is a full batch.
+    def prune(self, now_ms: int, event_retention: int) -> int: ...
 
     # Latest evidence per device.
     def latest_evidence(self, device_id: str) -> Evidence | None: ...

@@ -3,6 +3,15 @@
 Single-use items are consumed with one ``UPDATE … RETURNING`` statement, so
 two concurrent requests (or processes) can never both use the same nonce or
 challenge. Multi-row changes run in one transaction.
+
+Several processes (``attestd serve --workers N``) share the file: writes take
+the write lock (``BEGIN IMMEDIATE``, or a single autocommit statement) and wait
+for it up to the busy timeout, so concurrent writers queue instead of failing.
+
+Retention: each device keeps its newest ``history_per_device`` attestation rows
+(pruned in the transaction that adds one) with counters of every attestation
+in ``attestation_counts``; ``prune`` keeps the newest verdict events and drops
+long-expired nonces, challenges and credential records.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import Any, TypeVar
 import sqlite_utils
 
 from attestd.store.base import (
+    AttestationCounts,
     AttestationRecord,
     Challenge,
     Conflict,
@@ -35,6 +45,16 @@ from attestd.store.base import (
 )
 
 T = TypeVar("T")
+
+BUSY_TIMEOUT_S = 10.0
+DEFAULT_HISTORY_PER_DEVICE = 100
+# Rows deleted per table and ``prune`` call: the write lock is never held for long.
+PRUNE_BATCH = 5000
+# Expired nonces and challenges are kept this long (a late reply reads as expired or
+# used, not unknown); long-expired credential records longer (VerifyCredential says
+# EXPIRED rather than UNKNOWN_CREDENTIAL for a week).
+NONCE_GRACE_MS = 24 * 3600 * 1000
+CREDENTIAL_GRACE_MS = 7 * 24 * 3600 * 1000
 
 _SCHEMA: dict[str, tuple[dict[str, Any], str | tuple[str, ...]]] = {
     "challenges": (
@@ -178,13 +198,21 @@ _SCHEMA: dict[str, tuple[dict[str, Any], str | tuple[str, ...]]] = {
 class SqliteStore:
     """Store implementation on a SQLite file (``:memory:`` is not supported: WAL needs a file)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, *, history_per_device: int = DEFAULT_HISTORY_PER_DEVICE
+    ) -> None:
+        if history_per_device < 1:
+            raise ValueError("history_per_device must be at least 1")
         self.path = Path(path)
+        self.history_per_device = history_per_device
         try:
             # Created private before SQLite opens it; its -wal/-shm files inherit the mode.
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             conn = sqlite3.connect(
-                str(self.path), timeout=10.0, isolation_level=None, check_same_thread=False
+                str(self.path),
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
             )
             self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
@@ -199,8 +227,31 @@ class SqliteStore:
                         t.add_column(column, kind)
             self.db["devices"].create_index(["ek_fingerprint"], unique=True, if_not_exists=True)  # type: ignore[union-attr]
             self.db["attestations"].create_index(["device_id", "id"], if_not_exists=True)  # type: ignore[union-attr]
+            for table in ("nonces", "challenges", "credentials"):  # for pruning by expiry
+                self.db[table].create_index(["expires_at_ms"], if_not_exists=True)  # type: ignore[union-attr]
+            self._create_counts()
         except (OSError, sqlite3.Error) as e:
             raise StoreUnavailable(f"cannot open the store at {self.path}: {e}") from None
+
+    def _create_counts(self) -> None:
+        """The per-device counters; a store from before them is counted from its rows."""
+        with self._tx() as c:
+            exists = c.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'attestation_counts'"
+            ).fetchone()
+            if exists:
+                return
+            c.execute(
+                "CREATE TABLE attestation_counts (device_id TEXT PRIMARY KEY,"
+                " total INTEGER NOT NULL, affirming INTEGER NOT NULL, failed INTEGER NOT NULL)"
+            )
+            # Affirming attestations are the ones that earned a credential.
+            c.execute(
+                "INSERT INTO attestation_counts (device_id, total, affirming, failed)"
+                " SELECT device_id, COUNT(*), SUM(credential_expires_at_ms > 0),"
+                " SUM(COALESCE(credential_expires_at_ms, 0) <= 0)"
+                " FROM attestations GROUP BY device_id"
+            )
 
     # -- plumbing --------------------------------------------------------
 
@@ -426,6 +477,21 @@ class SqliteStore:
                     ),
                 )
                 att_id = int(cur.lastrowid or 0)
+                # Retention: the device's newest rows stay (this one among them; ids only
+                # grow, since the newest row of the table is never deleted).
+                c.execute(
+                    "DELETE FROM attestations WHERE device_id = ? AND id <= (SELECT id"
+                    " FROM attestations WHERE device_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (record.device_id, record.device_id, self.history_per_device),
+                )
+                affirming = int(record.credential is not None)
+                c.execute(
+                    "INSERT INTO attestation_counts (device_id, total, affirming, failed)"
+                    " VALUES (?, 1, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
+                    " total = total + 1, affirming = affirming + excluded.affirming,"
+                    " failed = failed + excluded.failed",
+                    (record.device_id, affirming, 1 - affirming),
+                )
                 c.execute(
                     "INSERT OR REPLACE INTO evidence (device_id, attestation_id, at_ms, status,"
                     " values_verified, pcrs, event_log) VALUES (?,?,?,?,?,?,?)",
@@ -518,6 +584,16 @@ class SqliteStore:
                 attestation_id=row[0],
                 boot_state=json.loads(row[12]) if row[12] else None,
             )
+
+        return self._run(go)
+
+    def attestation_counts(self, device_id: str) -> AttestationCounts:
+        def go() -> AttestationCounts:
+            row = self.db.execute(
+                "SELECT total, affirming, failed FROM attestation_counts WHERE device_id = ?",
+                (device_id,),
+            ).fetchone()
+            return AttestationCounts(device_id, *(row or (0, 0, 0)))
 
         return self._run(go)
 
@@ -954,8 +1030,19 @@ class SqliteStore:
 
         return self._run(go)
 
+    def oldest_event_cursor(self) -> int:
+        def go() -> int:
+            (n,) = self.db.execute("SELECT COALESCE(MIN(cursor), 0) FROM verdict_events").fetchone()
+            return int(n)
+
+        return self._run(go)
+
     def announce_expiries(self, now_ms: int) -> int:
-        """Emit EXPIRED for each device whose live credential ran out; returns how many."""
+        """Emit EXPIRED for each device whose live credential ran out; returns how many.
+
+        Safe to run in several processes at once: the immediate transaction serialises
+        them, and whoever comes second finds ``live_expires_at_ms`` already cleared.
+        """
 
         def go() -> int:
             with self._tx() as c:
@@ -973,6 +1060,59 @@ class SqliteStore:
                 return len(due)
 
         return self._run(go)
+
+    # -- retention -------------------------------------------------------
+
+    def prune(self, now_ms: int, event_retention: int) -> int:
+        """Delete what retention lets go, at most PRUNE_BATCH rows per table; how many went.
+
+        Verdict events: all but the newest ``event_retention``. A watcher resuming from a
+        cursor older than the oldest kept event gets the oldest kept one next (the events
+        in between are gone; see ``oldest_event_cursor``). Cursors are never reused: the
+        newest event always stays. Nonces and challenges: those expired more than
+        NONCE_GRACE_MS ago, used or not (a replay of one then reads as unknown: still
+        refused). Credential records: those expired more than CREDENTIAL_GRACE_MS ago.
+        """
+        if event_retention < 1:
+            raise ValueError("event_retention must be at least 1")
+
+        def go() -> int:
+            deleted = 0
+            with self._tx() as c:
+                row = c.execute(
+                    "SELECT cursor FROM verdict_events ORDER BY cursor DESC LIMIT 1 OFFSET ?",
+                    (event_retention,),
+                ).fetchone()
+                if row is not None:  # the newest event beyond the retention, and older ones
+                    deleted += c.execute(
+                        "DELETE FROM verdict_events WHERE cursor IN (SELECT cursor FROM"
+                        " verdict_events WHERE cursor <= ? ORDER BY cursor LIMIT ?)",
+                        (row[0], PRUNE_BATCH),
+                    ).rowcount
+            for sql, before in (
+                (_PRUNE_NONCES, now_ms - NONCE_GRACE_MS),
+                (_PRUNE_CHALLENGES, now_ms - NONCE_GRACE_MS),
+                (_PRUNE_CREDENTIALS, now_ms - CREDENTIAL_GRACE_MS),
+            ):
+                with self._tx() as c:
+                    deleted += c.execute(sql, (before, PRUNE_BATCH)).rowcount
+            return deleted
+
+        return self._run(go)
+
+
+# Fixed statements (the table names are constants, never input).
+_PRUNE_NONCES = (
+    "DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces WHERE expires_at_ms < ? LIMIT ?)"
+)
+_PRUNE_CHALLENGES = (
+    "DELETE FROM challenges WHERE rowid IN"
+    " (SELECT rowid FROM challenges WHERE expires_at_ms < ? LIMIT ?)"
+)
+_PRUNE_CREDENTIALS = (
+    "DELETE FROM credentials WHERE rowid IN"
+    " (SELECT rowid FROM credentials WHERE expires_at_ms < ? LIMIT ?)"
+)
 
 
 def _evidence(row: Any) -> Evidence:
