@@ -43,6 +43,7 @@ demo: setup
 bench: setup
 	mkdir -p build
 	TSS2_LOG=all+none $(PY) bench/eventlog.py $(if $(QUICK),--quick,)
+	TSS2_LOG=all+none $(PY) bench/quote.py $(if $(QUICK),--quick,)
 	TSS2_LOG=all+none $(PY) bench/e2e.py $(if $(QUICK),--quick,)
 
 clean:

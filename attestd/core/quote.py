@@ -24,6 +24,7 @@ worth judging.
 from __future__ import annotations
 
 import hmac
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,6 +40,7 @@ from attestd.core.limits import DEFAULT_LIMITS, Limits
 from attestd.core.measuredboot import appraise_boot
 from attestd.core.policy import Policy
 from attestd.core.tpm import (
+    BANK_BY_NAME,
     PCR_COUNT,
     TPM_GENERATED_VALUE,
     Alg,
@@ -61,6 +63,32 @@ CONFIG_PCRS = frozenset({1, 3, 5, 7})
 # Boot-state findings about platform configuration rather than loaded code.
 CONFIGURATION_CODES = frozenset({Code.SECURE_BOOT_DISABLED, Code.DBX_MISSING_HASH})
 STRONG_HASHES = frozenset({Alg.SHA256, Alg.SHA384, Alg.SHA512})
+# Hashes a signature may use, by whether SHA-1 is allowed.
+_OK_HASHES = {False: STRONG_HASHES, True: STRONG_HASHES | {Alg.SHA1}}
+# Signature schemes that fit a key type.
+_FITTING_SCHEMES = {Alg.RSA: (Alg.RSASSA, Alg.RSAPSS), Alg.ECC: (Alg.ECDSA,)}
+_PCR_INDICES = frozenset(range(PCR_COUNT))
+# Enum members looked up once: each Enum class attribute access is a Python-level call.
+_NULL, _RSASSA, _ATTEST_QUOTE = Alg.NULL, Alg.RSASSA, St.ATTEST_QUOTE
+_ACCEPTED = (v.Status.AFFIRMING, v.Status.WARNING)
+_ALG_ID = {bank: bank.alg.value for bank in Bank}
+# Stateless padding and signature-algorithm objects, made once instead of per quote.
+_PKCS1V15 = padding.PKCS1v15()
+_ECDSA_BY_HASH: dict[int, ec.ECDSA] = {}
+_NO_CLAIMS = TrustVector()
+# The trust vector an appraisal starts from, with and without a policy (frozen: shared).
+_FRESH_TRUST_VECTOR = {
+    has_policy: TrustVector(
+        instance_identity=v.TRUSTWORTHY_INSTANCE,
+        hardware=v.GENUINE_HARDWARE,
+        configuration=v.APPROVED_CONFIG if has_policy else v.NO_CLAIM,
+        executables=v.APPROVED_BOOT if has_policy else v.NO_CLAIM,
+    )
+    for has_policy in (False, True)
+}
+# The usual outcome is the fresh vector with a policy, unchanged: its status, once.
+_POLICY_START = _FRESH_TRUST_VECTOR[True]
+_POLICY_START_STATUS = _POLICY_START.status
 
 PcrValues = Mapping[Bank, Mapping[int, bytes]]
 
@@ -115,12 +143,26 @@ def parse_evidence(
         raise MalformedError(f"more than {limits.max_banks_per_request} banks", field="pcrs")
     values: dict[Bank, dict[int, bytes]] = {}
     for bank_name, bank_values in pcrs.items():
-        try:
-            bank = Bank.parse(bank_name)
-        except ValueError as e:
-            raise MalformedError(str(e), field=f"pcrs.{bank_name}") from None
+        bank = BANK_BY_NAME.get(bank_name)
+        if bank is None:
+            try:
+                bank = Bank.parse(bank_name)
+            except ValueError as e:
+                raise MalformedError(str(e), field=f"pcrs.{bank_name}") from None
         if bank in values:
             raise MalformedError("bank given twice", field=f"pcrs.{bank_name}")
+        if type(bank_values) is dict:
+            # Fast path: every index 0-23, every value bytes of the bank's size, so that
+            # the loop below would copy nothing and find nothing. Otherwise that loop
+            # checks (and names the first fault) as it always did.
+            digests = bank_values.values()
+            if (
+                {bytes}.issuperset(map(type, digests))
+                and {bank.digest_size}.issuperset(map(len, digests))
+                and bank_values.keys() <= _PCR_INDICES
+            ):
+                values[bank] = dict(bank_values)  # bytes(d) is d for bytes
+                continue
         checked: dict[int, bytes] = {}
         for index, digest in bank_values.items():
             where = f"pcrs.{bank.value}.{index}"
@@ -144,8 +186,8 @@ def verify_signature(
     Returns the failure, or None when the signature is good. (Named failures
     rather than a bool: the caller reports which rule broke.)
     """
-    allowed = {Alg.RSA: (Alg.RSASSA, Alg.RSAPSS), Alg.ECC: (Alg.ECDSA,)}[public.type]
-    if sig.alg not in allowed or (public.scheme != Alg.NULL and sig.alg != public.scheme):
+    allowed = _FITTING_SCHEMES[public.type]
+    if sig.alg not in allowed or (public.scheme != _NULL and sig.alg != public.scheme):
         return Failure(
             Code.SIGNATURE_SCHEME_MISMATCH,
             "signature.sigAlg",
@@ -154,7 +196,7 @@ def verify_signature(
             detail="the signature scheme does not fit the attestation key",
         )
     if (
-        public.scheme != Alg.NULL
+        public.scheme != _NULL
         and public.scheme_hash is not None
         and sig.hash_alg != public.scheme_hash
     ):
@@ -165,7 +207,7 @@ def verify_signature(
             got=alg_name(sig.hash_alg),
             detail="the signature hash differs from the key's scheme",
         )
-    ok_hashes = STRONG_HASHES | ({Alg.SHA1} if allow_sha1 else set())
+    ok_hashes = _OK_HASHES[bool(allow_sha1)]
     if sig.hash_alg not in ok_hashes:
         return Failure(
             Code.SIGNATURE_HASH_NOT_ALLOWED,
@@ -179,13 +221,16 @@ def verify_signature(
     try:
         if isinstance(key, rsa.RSAPublicKey):
             pad: padding.AsymmetricPadding = (
-                padding.PKCS1v15()
-                if sig.alg == Alg.RSASSA
+                _PKCS1V15
+                if sig.alg == _RSASSA
                 else padding.PSS(mgf=padding.MGF1(h), salt_length=padding.PSS.AUTO)
             )
             key.verify(sig.sig, message, pad, h)
         else:
-            key.verify(encode_dss_signature(sig.r, sig.s), message, ec.ECDSA(h))
+            ecdsa = _ECDSA_BY_HASH.get(sig.hash_alg)
+            if ecdsa is None:
+                ecdsa = _ECDSA_BY_HASH[sig.hash_alg] = ec.ECDSA(h)
+            key.verify(encode_dss_signature(sig.r, sig.s), message, ecdsa)
     except (InvalidSignature, ValueError):
         return Failure(
             Code.SIGNATURE_INVALID,
@@ -217,6 +262,25 @@ def _canonical(selection: Selection) -> dict[Bank, frozenset[int]] | None:
     return out
 
 
+def _selection_is(
+    signed: Mapping[Bank, frozenset[int]],
+    by_bank: Mapping[Bank, Mapping[int, object]],
+    *,
+    keep_empty: bool,
+) -> bool:
+    """signed == {bank: frozenset(m) for bank, m in by_bank.items() if keep_empty or m},
+    without building that dict (a frozenset equals a keys view with the same members)."""
+    listed = 0
+    for bank, m in by_bank.items():
+        if not (keep_empty or m):
+            continue
+        indices = signed.get(bank)
+        if indices is None or indices != m.keys():
+            return False
+        listed += 1
+    return listed == len(signed)
+
+
 def appraise_quote(
     evidence: QuoteEvidence,
     ak: PublicArea,
@@ -238,12 +302,7 @@ def appraise_quote(
     attest = evidence.attest
     failures: list[Failure] = []
     warnings: list[Failure] = []
-    tv = TrustVector(
-        instance_identity=v.TRUSTWORTHY_INSTANCE,
-        hardware=v.GENUINE_HARDWARE,
-        configuration=v.APPROVED_CONFIG if policy else v.NO_CLAIM,
-        executables=v.APPROVED_BOOT if policy else v.NO_CLAIM,
-    )
+    tv = _FRESH_TRUST_VECTOR[bool(policy)]
     sha1_ok = allow_sha1 if allow_sha1 is not None else bool(policy and policy.allow_sha1)
 
     # 1. Structure.
@@ -257,7 +316,7 @@ def appraise_quote(
                 "not a structure the TPM generated",
             )
         )
-    if attest.type != St.ATTEST_QUOTE:
+    if attest.type != _ATTEST_QUOTE:
         failures.append(
             Failure(
                 Code.QUOTE_TYPE_INVALID,
@@ -313,7 +372,6 @@ def appraise_quote(
 
     # 4. Signed selection and digest.
     signed = _canonical(attest.pcr_select)
-    submitted = {bank: frozenset(vals) for bank, vals in evidence.pcrs.items() if vals}
     values_trusted = False
     if signed is None:
         failures.append(
@@ -324,10 +382,9 @@ def appraise_quote(
             )
         )
     else:
-        if policy is not None:
-            wanted = {
-                bank: idx for bank, idx in ((Bank.from_alg(a), i) for a, i in policy.selection())
-            }
+        if policy is not None and not _selection_is(signed, policy.pcrs, keep_empty=True):
+            # policy.selection() by bank: every bank the policy lists, with its PCRs.
+            wanted = {bank: frozenset(refs) for bank, refs in policy.pcrs.items()}
             if signed != wanted:
                 failures.append(
                     Failure(
@@ -338,7 +395,8 @@ def appraise_quote(
                         "the signed selection is not the one the policy asked for",
                     )
                 )
-        if signed != submitted:
+        if not _selection_is(signed, evidence.pcrs, keep_empty=False):
+            submitted = {bank: frozenset(vals) for bank, vals in evidence.pcrs.items() if vals}
             failures.append(
                 Failure(
                     Code.PCR_VALUES_SELECTION_MISMATCH,
@@ -349,7 +407,7 @@ def appraise_quote(
                 )
             )
         else:
-            by_alg = {bank.alg.value: vals for bank, vals in evidence.pcrs.items()}
+            by_alg = {_ALG_ID[bank]: vals for bank, vals in evidence.pcrs.items()}
             digest = pcr_digest(evidence.signature.hash_alg, attest.pcr_select, by_alg)
             if hmac.compare_digest(digest, attest.pcr_digest):
                 values_trusted = True
@@ -371,10 +429,15 @@ def appraise_quote(
 
     # 5. Reference values and the boot event log (only over values the signature vouches for).
     boot_state = None
-    if policy is not None and values_trusted:
+    if (
+        policy is not None
+        and values_trusted
+        and not _nothing_to_find(policy, evidence.pcrs, event_log)
+    ):
         measured = appraise_values(policy, evidence.pcrs, event_log)
         failures.extend(measured.failures)
-        tv = tv.worse(**measured.claims)
+        if measured.claims:
+            tv = tv.worse(**measured.claims)
         boot_state = measured.boot_state
 
     # 6. Clock and firmware against the last accepted quote.
@@ -424,6 +487,47 @@ def appraise_values(policy: Policy, pcrs: PcrValues, event_log: EventLog | None)
     device's stored, verified evidence.
     """
     failures: list[Failure] = []
+    ok = _values_allowed(policy, pcrs)
+    tv = _NO_CLAIMS if ok else _value_failures(policy, pcrs, failures)
+    boot = appraise_boot(event_log, pcrs, policy.eventlog)
+    for f in boot.failures:
+        failures.append(f)
+        if f.code in CONFIGURATION_CODES:
+            tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
+        else:
+            tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
+    if not failures:
+        return ValuesAppraisal((), {}, boot.state)  # nothing lowered a claim
+    claims = {
+        name: getattr(tv, name)
+        for name in ("configuration", "executables")
+        if getattr(tv, name) != v.NO_CLAIM
+    }
+    return ValuesAppraisal(tuple(failures), claims, boot.state)
+
+
+def _nothing_to_find(policy: Policy, pcrs: PcrValues, event_log: EventLog | None) -> bool:
+    """True when appraise_values would return no failures and no boot state, the usual
+    case: no event log and no event-log rules (any rule requires a log, so appraise_boot
+    has nothing to judge), and every PCR the policy lists has one of its reference values."""
+    return event_log is None and not policy.eventlog.any and _values_allowed(policy, pcrs)
+
+
+def _values_allowed(policy: Policy, pcrs: PcrValues) -> bool:
+    """A quick pass for the common, good case. True only when _value_failures would find
+    nothing: every PCR the policy lists was quoted with one of its reference values."""
+    for bank, refs in policy.pcrs.items():
+        bank_pcrs = pcrs.get(bank)
+        # A listed PCR that was not quoted gives None, which no reference set holds: then
+        # False, and _value_failures judges PCR by PCR (it skips unquoted ones).
+        if bank_pcrs and not all(map(operator.contains, refs.values(), map(bank_pcrs.get, refs))):
+            return False
+    return True
+
+
+def _value_failures(policy: Policy, pcrs: PcrValues, failures: list[Failure]) -> TrustVector:
+    """Append a failure per quoted PCR whose value the policy does not allow, in bank and
+    index order; returns the trust vector those failures lower."""
     tv = TrustVector()
     for bank, refs in sorted(policy.pcrs.items(), key=lambda kv: kv[0].alg.value):
         for index, allowed in sorted(refs.items()):
@@ -444,19 +548,7 @@ def appraise_values(policy: Policy, pcrs: PcrValues, event_log: EventLog | None)
                 tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
             else:
                 tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
-    boot = appraise_boot(event_log, pcrs, policy.eventlog)
-    for f in boot.failures:
-        failures.append(f)
-        if f.code in CONFIGURATION_CODES:
-            tv = tv.worse(configuration=v.UNSUPPORTABLE_CONFIG)
-        else:
-            tv = tv.worse(executables=v.CONTRAINDICATED_EXECUTABLES)
-    claims = {
-        name: getattr(tv, name)
-        for name in ("configuration", "executables")
-        if getattr(tv, name) != v.NO_CLAIM
-    }
-    return ValuesAppraisal(tuple(failures), claims, boot.state)
+    return tv
 
 
 def _clock_failure(prev: ClockState, attest: Attest) -> Failure | None:
@@ -499,7 +591,7 @@ def _done(
     boot_state: dict[str, Any] | None = None,
     values_verified: bool = False,
 ) -> Appraisal:
-    status = tv.status
+    status = _POLICY_START_STATUS if tv is _POLICY_START else tv.status
     if failures and status is not v.Status.CONTRAINDICATED:
         # Every failure maps to a contraindicating claim; this keeps it so.
         status = v.Status.CONTRAINDICATED
@@ -511,7 +603,7 @@ def _done(
         appraised_at_ms=now_ms,
         policy_name=policy.name if policy else "",
     )
-    accepted = status in (v.Status.AFFIRMING, v.Status.WARNING)
+    accepted = status in _ACCEPTED
     return Appraisal(
         verdict,
         evidence,

@@ -103,16 +103,24 @@ class Bank(enum.Enum):
     SHA384 = "sha384"
     SHA512 = "sha512"
 
+    # Members are singletons compared by identity; hashing by identity is C code, where
+    # Enum's hash(self._name_) is a Python call on every dict and set operation.
+    __hash__ = object.__hash__
+
     @property
     def alg(self) -> Alg:
-        return _BANK_ALG[self]
+        # Keyed by the value string: hashing a str is C, hashing an Enum member is not.
+        return _BANK_ALG_BY_VALUE[self._value_]
 
     @property
     def digest_size(self) -> int:
-        return _DIGEST_SIZE[self.alg]
+        return _BANK_DIGEST_SIZE[self._value_]
 
     @classmethod
     def from_alg(cls, alg: int) -> Bank:
+        bank = _BANK_BY_ALG.get(alg)
+        if bank is not None:
+            return bank
         for bank, a in _BANK_ALG.items():
             if a == alg:
                 return bank
@@ -134,6 +142,12 @@ _BANK_ALG = {
     Bank.SHA512: Alg.SHA512,
 }
 _DIGEST_SIZE = {Alg.SHA1: 20, Alg.SHA256: 32, Alg.SHA384: 48, Alg.SHA512: 64}
+_BANK_ALG_BY_VALUE = {bank.value: alg for bank, alg in _BANK_ALG.items()}
+_BANK_DIGEST_SIZE = {bank.value: _DIGEST_SIZE[alg] for bank, alg in _BANK_ALG.items()}
+# By TPM_ALG_ID as an int (IntEnum members hash as their int).
+_BANK_BY_ALG = {int(alg): bank for bank, alg in _BANK_ALG.items()}
+# Bank by its exact (lowercase) name, for Bank.parse's common case.
+BANK_BY_NAME = {bank.value: bank for bank in Bank}
 _HASHLIB_NAME = {Alg.SHA1: "sha1", Alg.SHA256: "sha256", Alg.SHA384: "sha384", Alg.SHA512: "sha512"}
 _CRYPTO_HASH: dict[Alg, type[hashes.HashAlgorithm]] = {
     Alg.SHA1: hashes.SHA1,
@@ -166,7 +180,13 @@ def hash_bytes(alg: int, data: bytes) -> bytes:
 
 
 def crypto_hash(alg: int) -> hashes.HashAlgorithm:
-    return _CRYPTO_HASH[Alg(alg)]()
+    cls = _CRYPTO_HASH_BY_VALUE.get(alg)
+    if cls is None:  # raises as before: ValueError, or KeyError for an alg that is no hash
+        return _CRYPTO_HASH[Alg(alg)]()
+    return cls()
+
+
+_CRYPTO_HASH_BY_VALUE = {int(alg): cls for alg, cls in _CRYPTO_HASH.items()}
 
 
 def alg_name(alg: int) -> str:
@@ -463,6 +483,93 @@ def parse_attest(data: bytes, field: str = "quote", limits: Limits = DEFAULT_LIM
     Magic and type are returned, not judged: the appraisal names a wrong one
     as a failed check. Only quote and certify bodies are understood.
     """
+    if type(data) is bytes:
+        quote = _parse_quote_fast(data, limits)
+        if quote is not None:
+            return quote
+    return _parse_attest_checked(data, field, limits)
+
+
+_ATTEST_HEAD = struct.Struct(">IHH")  # magic, type, qualifiedSigner.size
+# clockInfo (clock, resetCount, restartCount, safe), firmwareVersion
+_CLOCK_FIRMWARE = struct.Struct(">QIIBQ")
+_SELECT_HEAD = struct.Struct(">HB")  # TPMS_PCR_SELECTION: hash, sizeofSelect
+_SIG_HEAD = struct.Struct(">HHH")  # TPMT_SIGNATURE: sigAlg, hash, first TPM2B size
+# pcrSelect bitmaps seen so far -> their indices (bounded; a handful in practice).
+_SELECT_INDICES: dict[bytes, frozenset[int]] = {}
+_ALG_BY_VALUE = {a.value: a for a in Alg}
+# Enum members looked up once: each Enum class attribute access is a Python-level call.
+_ATTEST_QUOTE, _ECDSA = St.ATTEST_QUOTE, Alg.ECDSA
+_RSA_SIGNATURES = (Alg.RSASSA, Alg.RSAPSS)
+
+
+def _select_indices(bitmap: bytes) -> frozenset[int]:
+    indices = _SELECT_INDICES.get(bitmap)
+    if indices is None:
+        indices = frozenset(
+            byte_i * 8 + bit for byte_i, b in enumerate(bitmap) for bit in range(8) if b >> bit & 1
+        )
+        if len(_SELECT_INDICES) < 4096:
+            _SELECT_INDICES[bitmap] = indices
+    return indices
+
+
+def _parse_quote_fast(data: bytes, limits: Limits) -> Attest | None:
+    """A well-formed TPMS_ATTEST of a quote, as _parse_attest_checked parses it; else None.
+
+    Accepts exactly the quotes the checked path accepts and returns equal values; any
+    other input (another type, a bound exceeded, truncated, trailing bytes) gives None,
+    so that the checked path names what is wrong.
+    """
+    n = len(data)
+    if n > limits.max_attest_size or n < 8:
+        return None
+    magic, st, signer_size = _ATTEST_HEAD.unpack_from(data)
+    max_tpm2b = limits.max_tpm2b
+    if st != _ATTEST_QUOTE or signer_size > max_tpm2b:
+        return None
+    extra_at = 8 + signer_size + 2
+    if extra_at > n:
+        return None
+    extra_size = data[extra_at - 2] << 8 | data[extra_at - 1]
+    pos = extra_at + extra_size
+    if extra_size > max_tpm2b or pos + 29 > n:  # clock info, firmware, selection count
+        return None
+    clock, reset_count, restart_count, safe, firmware = _CLOCK_FIRMWARE.unpack_from(data, pos)
+    count = int.from_bytes(data[pos + 25 : pos + 29], "big")
+    pos += 29
+    if safe > 1 or count > limits.max_pcr_selections:
+        return None
+    max_select = limits.max_size_of_select
+    selection = []
+    for _ in range(count):
+        if pos + 3 > n:
+            return None
+        alg, size = _SELECT_HEAD.unpack_from(data, pos)
+        pos += 3
+        if size > max_select or pos + size > n:
+            return None
+        selection.append((alg, _select_indices(data[pos : pos + size])))
+        pos += size
+    if pos + 2 > n:
+        return None
+    digest_size = data[pos] << 8 | data[pos + 1]
+    pos += 2
+    if digest_size > max_tpm2b or pos + digest_size != n:
+        return None
+    return Attest(
+        magic,
+        st,
+        data[8 : 8 + signer_size],
+        data[extra_at : extra_at + extra_size],
+        ClockInfo(clock, reset_count, restart_count, safe == 1),
+        firmware,
+        tuple(selection),
+        data[pos:],
+    )
+
+
+def _parse_attest_checked(data: bytes, field: str, limits: Limits) -> Attest:
     if len(data) > limits.max_attest_size:
         raise MalformedError(
             f"{len(data)} bytes exceeds the limit of {limits.max_attest_size}", field=field
@@ -472,16 +579,13 @@ def parse_attest(data: bytes, field: str = "quote", limits: Limits = DEFAULT_LIM
     st = r.u16("type")
     signer = r.tpm2b("qualifiedSigner")
     extra = r.tpm2b("extraData")
-    clock = ClockInfo(
-        clock=r.u64("clockInfo.clock"),
-        reset_count=r.u32("clockInfo.resetCount"),
-        restart_count=r.u32("clockInfo.restartCount"),
-        safe=False,
-    )
+    clock_value = r.u64("clockInfo.clock")
+    reset_count = r.u32("clockInfo.resetCount")
+    restart_count = r.u32("clockInfo.restartCount")
     safe = r.u8("clockInfo.safe")
     if safe > 1:
         raise r.fail(f"clockInfo.safe must be 0 or 1, got {safe}")
-    clock = ClockInfo(clock.clock, clock.reset_count, clock.restart_count, safe == 1)
+    clock = ClockInfo(clock_value, reset_count, restart_count, safe == 1)
     firmware = r.u64("firmwareVersion")
     if st == St.ATTEST_QUOTE:
         selection = read_pcr_selection(r, limits)
@@ -524,6 +628,22 @@ class Signature:
 def parse_signature(
     data: bytes, field: str = "signature", limits: Limits = DEFAULT_LIMITS
 ) -> Signature:
+    n = len(data)
+    if type(data) is bytes and 6 <= n <= limits.max_signature_size:
+        # Fast path for well-formed signatures; anything else is parsed (and named) below.
+        alg_value, hash_alg, size = _SIG_HEAD.unpack_from(data)
+        if alg_value in _RSA_SIGNATURES:
+            if size <= limits.max_tpm2b and n == 6 + size:
+                return Signature(_ALG_BY_VALUE[alg_value], hash_alg, sig=data[6:])
+        elif alg_value == _ECDSA and size <= 66 and n >= 8 + size:
+            s_size = data[6 + size] << 8 | data[7 + size]
+            if s_size <= 66 and n == 8 + size + s_size:
+                return Signature(
+                    _ECDSA,
+                    hash_alg,
+                    r=int.from_bytes(data[6 : 6 + size], "big"),
+                    s=int.from_bytes(data[8 + size :], "big"),
+                )
     if len(data) > limits.max_signature_size:
         raise MalformedError(
             f"{len(data)} bytes exceeds the limit of {limits.max_signature_size}", field=field
@@ -552,11 +672,15 @@ def pcr_digest(
     Part 3, TPM2_Quote: values are taken entry by entry of the selection and,
     inside each entry, in ascending PCR index order.
     """
-    h = hashlib.new(_HASHLIB_NAME[Alg(hash_alg)])
+    function = _HASH_FUNCTIONS.get(hash_alg)
+    h = hashlib.new(_HASHLIB_NAME[Alg(hash_alg)]) if function is None else function()
     for alg, indices in selection:
         if not indices:
             continue  # an empty entry contributes nothing (and may name an unsent bank)
         bank = values[alg]
-        for i in sorted(indices):
-            h.update(bank[i])
+        try:
+            h.update(b"".join(map(bank.__getitem__, sorted(indices))))
+        except TypeError:  # a value that is not bytes-like: fail as hashing it would
+            for i in sorted(indices):
+                h.update(bank[i])
     return h.digest()
