@@ -360,7 +360,7 @@ def cmd_agent_attest(args: argparse.Namespace) -> int:
         agent.close()
     v = resp.verdict
     if args.credential_out and resp.credential:
-        from attestd.agent.client import write_private
+        from attestd.privatefile import write_private
 
         write_private(Path(args.credential_out), resp.credential.encode())
     if args.json:

@@ -42,6 +42,7 @@ from attestd.agent.tpm import (
 )
 from attestd.core.ear import decode_unverified
 from attestd.core.tpm import parse_public
+from attestd.privatefile import write_private
 from attestd.v1 import (
     attestation_pb2,
     attestation_pb2_grpc,
@@ -85,16 +86,6 @@ class AgentConfig:
     ak_handle: int = DEFAULT_AK_HANDLE
     ek_type: str = "rsa"
     timeout_s: float = 30.0
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file only its owner can read (created 0600, replaced atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import secrets
 import stat
 import threading
@@ -24,18 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from attestd.core.ear import key_id, public_jwk
+from attestd.privatefile import write_private
 from attestd.service.config import ConfigError
 
 URI_PREFIX = "urn:attestd:device:"
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` 0600 (never world-readable, not even for an instant)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def read_private_key(path: Path) -> object:
