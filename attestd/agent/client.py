@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from attestd.connect import Connection, open_channel
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss.constants import ESYS_TR
@@ -86,6 +88,10 @@ class AgentConfig:
     ak_handle: int = DEFAULT_AK_HANDLE
     ek_type: str = "rsa"
     timeout_s: float = 30.0
+    # The CA that signed attestd's TLS certificate (None: the system's roots).
+    ca_cert: Path | None = None
+    # Plaintext, for a server run with --insecure only.
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,7 +145,9 @@ def credential_lifetime_s(response: attestation_pb2.AttestResponse, now_s: float
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.c = config
-        self.channel = grpc.insecure_channel(config.server)
+        self.channel = open_channel(
+            Connection(config.server, ca_cert=config.ca_cert, insecure=config.insecure)
+        )
 
     def close(self) -> None:
         self.channel.close()

@@ -101,7 +101,13 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             policy_version=record.version,
         )
         # Only a hash is stored: a database reader cannot lift unused nonces.
-        await self.s.store(store.put_nonce, hashlib.sha256(nonce).digest(), grant)
+        await self.s.store(
+            store.put_nonce,
+            hashlib.sha256(nonce).digest(),
+            grant,
+            self.s.now_ms(),
+            self.s.config.max_outstanding_nonces,
+        )
         return attestation_pb2.GetNonceResponse(
             nonce=nonce,
             expires_at_ms=grant.expires_at_ms,

@@ -44,9 +44,40 @@ class ServerConfig:
     # Verdict events kept (the newest); older ones are deleted by the periodic sweep.
     event_retention: int = 100_000
 
+    # -- security (docs/security.md) --
+    # The server's TLS certificate chain and key (PEM). Required unless ``insecure``.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Plaintext, no TLS: for a loopback test only; warned about on every start.
+    insecure: bool = False
+    # The mTLS port: callers present a role client certificate issued by the client CA.
+    # "" disables it (and, with insecure, there is none).
+    mtls_listen: str = "127.0.0.1:50052"
+    # The CA of role client certificates: PEM files, or (unset) one created in data_dir.
+    client_ca_cert: Path | None = None
+    client_ca_key: Path | None = None
+    # Which devices may enroll: "any" (an EK certificate chaining to ek_roots) or
+    # "preregistered" (and also listed by `attestd device preregister`).
+    admission: str = "any"
+    # Abuse limits (per worker process): GetNonce and Enroll per peer address and per
+    # device, as a sustained rate (calls/s) with a burst; unused nonces a device may hold.
+    peer_rate_per_s: float = 50.0
+    peer_burst: int = 200
+    device_rate_per_s: float = 1.0
+    device_burst: int = 10
+    max_outstanding_nonces: int = 16
+    # Signed audit checkpoints: after this many records, or this long after the last one.
+    audit_checkpoint_every: int = 1000
+    audit_checkpoint_interval_s: int = 60
+
     @property
     def store_path(self) -> Path:
         return self.data_dir / "attestd.sqlite"
+
+    @property
+    def mtls_port(self) -> int | None:
+        _, _, port = self.mtls_listen.rpartition(":")
+        return int(port) if port.isdigit() else None
 
     @property
     def port(self) -> int | None:
@@ -90,7 +121,15 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
         values.update(raw)
     values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
-    for key in ("data_dir", "issuing_ca_cert", "issuing_ca_key"):
+    for key in (
+        "data_dir",
+        "issuing_ca_cert",
+        "issuing_ca_key",
+        "tls_cert",
+        "tls_key",
+        "client_ca_cert",
+        "client_ca_key",
+    ):
         if values.get(key) is not None:
             values[key] = Path(values[key])
     for key in ("ek_roots", "ek_intermediates"):
@@ -105,13 +144,47 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
         "workers",
         "history_per_device",
         "event_retention",
+        "peer_burst",
+        "device_burst",
+        "max_outstanding_nonces",
+        "audit_checkpoint_every",
+        "audit_checkpoint_interval_s",
     ):
         if key not in values or (key == "workers" and values[key] is None):
             continue
         value = values[key]
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key} must be a positive integer")
-    return ServerConfig(**values)
+    for key in ("peer_rate_per_s", "device_rate_per_s"):
+        value = values.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+        ):
+            raise ConfigError(f"{key} must be a positive number")
+    if values.get("admission", "any") not in ADMISSION_MODES:
+        raise ConfigError(f"admission must be one of {', '.join(ADMISSION_MODES)}")
+    if not isinstance(values.get("insecure", False), bool):
+        raise ConfigError("insecure must be true or false")
+    config = ServerConfig(**values)
+    check_tls(config)
+    return config
+
+
+ADMISSION_MODES = ("any", "preregistered")
+
+
+def check_tls(config: ServerConfig) -> None:
+    """TLS unless explicitly insecure; cert and key go together."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert and tls_key go together")
+    if (config.client_ca_cert is None) != (config.client_ca_key is None):
+        raise ConfigError("client_ca_cert and client_ca_key go together")
+    if config.tls_cert is None and not config.insecure:
+        raise ConfigError(
+            "tls_cert and tls_key are required (the server's certificate and key, PEM);"
+            " `attestd admin tls-init` makes a throwaway CA and certificate for a trial."
+            " To serve plaintext on a trusted loopback only, pass --insecure"
+        )
 
 
 def load_certificates(paths: tuple[Path, ...], setting: str) -> list[x509.Certificate]:
@@ -126,8 +199,19 @@ def load_certificates(paths: tuple[Path, ...], setting: str) -> list[x509.Certif
 
 
 def prepare_data_dir(path: Path) -> None:
-    """Create the data directory private to this user."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Create the data directory private to this user; refuse one others can read.
+
+    A data directory others can read or enter exposes the signing and CA keys and the
+    store: attestd will not start on it rather than quietly fix it (someone may have
+    copied the keys already).
+    """
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True)
     mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
+    if mode & 0o007:
+        raise ConfigError(
+            f"the data directory {path} is accessible to every user (mode {mode:04o});"
+            " its keys may have been read: check them, then chmod 700 it"
+        )
+    if mode & 0o070:
         os.chmod(path, mode & ~0o077)

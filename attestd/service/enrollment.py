@@ -10,10 +10,10 @@ import secrets
 
 import grpc
 
-from attestd.core.enroll import make_challenge, verify_enrollment
+from attestd.core.enroll import EnrollmentFacts, make_challenge, verify_enrollment
 from attestd.service.errors import ServiceError
 from attestd.service.state import ServiceState, cached_public
-from attestd.store.base import Challenge
+from attestd.store.base import Challenge, Preregistration
 from attestd.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logging.getLogger("attestd.enrollment")
@@ -37,6 +37,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             self.s.config.limits,
             self.s.ek_intermediates,
         )
+        prereg = await self._admit(facts)
         secret = secrets.token_bytes(32)
         blob, encrypted = make_challenge(facts.ek, facts.ak.name, secret)
         challenge = Challenge(
@@ -54,6 +55,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
                 "tpm_manufacturer": facts.tpm_manufacturer,
                 "tpm_model": facts.tpm_model,
                 "tpm_version": facts.tpm_version,
+                **({"name": prereg.name} if prereg is not None and prereg.name else {}),
+                **({"preregistered_group": prereg.group} if prereg and prereg.group else {}),
             },
         )
         await self.s.store(self.s.store.store.put_challenge, challenge)
@@ -65,6 +68,27 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             encrypted_secret=encrypted,
             expires_at_ms=challenge.expires_at_ms,
         )
+
+    async def _admit(self, facts: EnrollmentFacts) -> Preregistration | None:
+        """Admission control: with "preregistered", only devices an admin listed may enroll."""
+        if self.s.config.admission != "preregistered":
+            return None
+        found = await self.s.store(
+            self.s.store.store.find_preregistration,
+            facts.ek_cert_serial,
+            facts.ek_cert_issuer,
+            facts.ek_fingerprint,
+        )
+        if found is None:
+            log.info("enrollment refused: not pre-registered device=%s", facts.device_id)
+            raise ServiceError(
+                f"this TPM is not pre-registered (EK certificate serial {facts.ek_cert_serial},"
+                f" issuer {facts.ek_cert_issuer}, EK public key SHA-256 {facts.ek_fingerprint});"
+                " an admin must add it with `attestd device preregister`",
+                "DEVICE_NOT_PREREGISTERED",
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+        return found
 
     async def Activate(
         self, request: enrollment_pb2.ActivateRequest, context: grpc.aio.ServicerContext
@@ -90,5 +114,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
             )
         ak_name = cached_public(challenge.ak_public).name.hex()
         device = await self.s.store(store.activate_device, challenge, ak_name, self.s.now_ms())
+        group = challenge.facts.get("preregistered_group", "")
+        if group and await self.s.store(store.assigned_group, device.device_id) is None:
+            # The manifest's group applies at first activation; authors may move it later.
+            await self.s.store(store.assign_devices, group, [device.device_id])
         log.info("device activated device=%s", device.device_id)
         return enrollment_pb2.ActivateResponse(device_id=device.device_id, ak_name=ak_name)

@@ -39,8 +39,14 @@ class ServiceError(Exception):
 
 _IN_USE_CODES = frozenset({"POLICY_IN_USE", "GROUP_IN_USE"})
 _PERMISSION_CODES = frozenset(
-    {"EK_CHAIN_UNTRUSTED", "ACTIVATION_SECRET_MISMATCH", "DEVICE_EK_MISMATCH"}
+    {
+        "EK_CHAIN_UNTRUSTED",
+        "ACTIVATION_SECRET_MISMATCH",
+        "DEVICE_EK_MISMATCH",
+        "DEVICE_NOT_PREREGISTERED",
+    }
 )
+_EXHAUSTED_CODES = frozenset({"TOO_MANY_NONCES"})
 
 
 def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
@@ -61,6 +67,8 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, exc.code, str(exc)
     if isinstance(exc, Rejected):
+        if exc.code in _EXHAUSTED_CODES:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, exc.code, str(exc)
         return grpc.StatusCode.FAILED_PRECONDITION, exc.code, str(exc)
     if isinstance(exc, Conflict):
         if exc.code in _PERMISSION_CODES:

@@ -27,6 +27,7 @@ from attestd.privatefile import write_private
 from attestd.service.config import ConfigError
 
 URI_PREFIX = "urn:attestd:device:"
+CALLER_URI_PREFIX = "urn:attestd:caller:"
 
 
 def read_private_key(path: Path) -> object:
@@ -150,21 +151,31 @@ class SigningKeyring:
 
 
 class IssuingCA:
-    """Issues client certificates for TPM-resident keys a device's AK certified."""
+    """Issues client certificates: to devices for TPM-resident keys their AK certified
+    (the device CA, ``ca-*.pem``), and to callers with a role for the mTLS port (the
+    client CA, ``stem="client-ca"``)."""
 
-    def __init__(self, data_dir: Path, cert_path: Path | None, key_path: Path | None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        cert_path: Path | None,
+        key_path: Path | None,
+        *,
+        stem: str = "ca",
+        common_name: str = "attestd device CA",
+    ) -> None:
         if cert_path is not None or key_path is not None:
             if cert_path is None or key_path is None:
                 raise ConfigError("issuing_ca_cert and issuing_ca_key go together")
             key = read_private_key(key_path)
             chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
         else:
-            cert_path, key_path = data_dir / "ca-cert.pem", data_dir / "ca-key.pem"
+            cert_path, key_path = data_dir / f"{stem}-cert.pem", data_dir / f"{stem}-key.pem"
             if key_path.exists():
                 key = read_private_key(key_path)
                 chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
             else:
-                key, chain = self._create(cert_path, key_path)
+                key, chain = self._create(cert_path, key_path, common_name)
         if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
             raise ConfigError("the issuing CA key must be an EC or RSA key")
         self.key = key
@@ -175,11 +186,11 @@ class IssuingCA:
 
     @staticmethod
     def _create(
-        cert_path: Path, key_path: Path
+        cert_path: Path, key_path: Path, common_name: str
     ) -> tuple[ec.EllipticCurvePrivateKey, list[x509.Certificate]]:
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attestd device CA")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -210,12 +221,45 @@ class IssuingCA:
         not_before_s: int,
         not_after_s: int,
     ) -> x509.Certificate:
-        """A client certificate: subject CN and SAN URI carry the device id."""
+        """A device's client certificate: subject CN and SAN URI carry the device id."""
+        return self._issue(public_key, device_id, URI_PREFIX + device_id, not_before_s, not_after_s)
+
+    def issue_caller(
+        self,
+        public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+        cred_id: str,
+        name: str,
+        role: str,
+        not_before_s: int,
+        not_after_s: int,
+    ) -> x509.Certificate:
+        """A caller's client certificate (CN name, OU role, SAN URI the credential id)."""
+        return self._issue(
+            public_key,
+            name,
+            CALLER_URI_PREFIX + cred_id,
+            not_before_s,
+            not_after_s,
+            unit=role,
+        )
+
+    def _issue(
+        self,
+        public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+        common_name: str,
+        uri: str,
+        not_before_s: int,
+        not_after_s: int,
+        unit: str = "",
+    ) -> x509.Certificate:
         start = datetime.datetime.fromtimestamp(not_before_s, datetime.UTC)
         end = datetime.datetime.fromtimestamp(not_after_s, datetime.UTC)
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        if unit:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
         return (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+            .subject_name(x509.Name(attrs))
             .issuer_name(self.cert.subject)
             .public_key(public_key)
             .serial_number(int.from_bytes(secrets.token_bytes(16), "big") >> 1)
@@ -228,9 +272,7 @@ class IssuingCA:
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
             .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(URI_PREFIX + device_id)]
-                ),
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
                 critical=False,
             )
             .add_extension(

@@ -34,22 +34,28 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from attestd.service.admin import AdminService
 from attestd.service.attestation import AttestationService
+from attestd.service.auditing import checkpoint_if_due
 from attestd.service.config import (
     ConfigError,
     ServerConfig,
+    check_tls,
     load_certificates,
     prepare_data_dir,
 )
 from attestd.service.devices import DevicesService
 from attestd.service.enrollment import EnrollmentService
 from attestd.service.errors import ErrorInterceptor
-from attestd.service.keys import IssuingCA, SigningKeyring
+from attestd.service.keys import IssuingCA, SigningKeyring, read_private_key
 from attestd.service.policy import PolicyService
+from attestd.service.security import SecurityInterceptor
 from attestd.service.state import ServiceState, StoreRunner
 from attestd.service.verdicts import KeysService, VerdictsService
 from attestd.store.sqlite import PRUNE_BATCH, SqliteStore
 from attestd.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     attestation_pb2,
     attestation_pb2_grpc,
     enrollment_pb2,
@@ -66,6 +72,7 @@ log = logging.getLogger("attestd")
 access_log = logging.getLogger("attestd.access")
 
 SERVICE_NAMES = (
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name,
     enrollment_pb2.DESCRIPTOR.services_by_name["Devices"].full_name,
     attestation_pb2.DESCRIPTOR.services_by_name["Attestation"].full_name,
@@ -86,6 +93,7 @@ class RunningServer:
     state: ServiceState
     sweeper: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    mtls_port: int = 0
 
     async def stop(self, grace: float | None = 5.0) -> None:
         for task in (self.sweeper, *self.tasks):
@@ -98,8 +106,24 @@ class RunningServer:
         await asyncio.to_thread(self.state.store.close)
 
 
+async def checkpoint_audit(state: ServiceState) -> None:
+    """Sign the audit log's newest record when a checkpoint is due."""
+    config = state.config
+    key = state.keyring.current
+    await state.store(
+        checkpoint_if_due,
+        state.store.store,
+        key.key,
+        key.kid,
+        state.now_ms(),
+        config.audit_checkpoint_every,
+        config.audit_checkpoint_interval_s,
+    )
+
+
 async def sweep_expiries(state: ServiceState) -> None:
-    """Announce expired credentials to watchers (VERDICT_EVENT_KIND_EXPIRED); apply retention.
+    """Announce expired credentials to watchers (VERDICT_EVENT_KIND_EXPIRED); apply retention;
+    sign audit checkpoints.
 
     Runs in one process of a multi-worker server (announcing is idempotent anyway).
     """
@@ -110,6 +134,7 @@ async def sweep_expiries(state: ServiceState) -> None:
         try:
             if await state.store(store.announce_expiries, state.now_ms()):
                 state.notify()
+            await checkpoint_audit(state)
         except Exception:  # the store may be briefly unavailable; try again next tick
             log.exception("expiry sweep failed")
         ticks -= 1
@@ -185,6 +210,7 @@ async def create_server(
     retention sweep (one process of several). ``refresh_keys``: follow key rotations
     made by other processes.
     """
+    check_tls(config)
     prepare_data_dir(config.data_dir)
     now_ms = int(time.time() * 1000)
     roots = load_certificates(config.ek_roots, "ek_roots")
@@ -200,9 +226,10 @@ async def create_server(
         ek_intermediates=intermediates,
         keyring=SigningKeyring(config.data_dir, config.credential_lifetime_s, now_ms),
         ca=IssuingCA(config.data_dir, config.issuing_ca_cert, config.issuing_ca_key),
+        client_ca=client_ca_of(config),
     )
     server = grpc.aio.server(
-        interceptors=[AccessLogInterceptor(), ErrorInterceptor()],
+        interceptors=[AccessLogInterceptor(), ErrorInterceptor(), SecurityInterceptor(state)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -215,25 +242,84 @@ async def create_server(
     policy_pb2_grpc.add_PolicyServicer_to_server(PolicyService(state), server)
     verdicts_pb2_grpc.add_VerdictsServicer_to_server(VerdictsService(state), server)
     keys_pb2_grpc.add_KeysServicer_to_server(KeysService(state), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError:  # newer grpc raises where older returned 0
-        port = 0
-    if port == 0:
+        port, mtls_port = _bind(server, config, state)
+    except Exception:
         state.store.close()
-        raise OSError(f"cannot listen on {config.listen} (address in use or not valid)")
+        raise
     await server.start()
     for name in (*SERVICE_NAMES, ""):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("attestd listening on port %d, data in %s", port, config.data_dir)
+    if config.insecure:
+        log.warning(
+            "INSECURE: serving plaintext without TLS on port %d (--insecure): tokens and"
+            " verdicts cross the network unprotected, and no client certificates can be used",
+            port,
+        )
+    else:
+        log.info(
+            "attestd listening on port %d (TLS%s), data in %s",
+            port,
+            f"; mTLS port {mtls_port}" if mtls_port else "",
+            config.data_dir,
+        )
     tasks = [asyncio.create_task(refresh_keyring(state))] if refresh_keys else []
     sweeper = asyncio.create_task(sweep_expiries(state)) if sweep else None
-    return RunningServer(server, port, state, sweeper, tasks)
+    return RunningServer(server, port, state, sweeper, tasks, mtls_port)
+
+
+def client_ca_of(config: ServerConfig) -> IssuingCA:
+    return IssuingCA(
+        config.data_dir,
+        config.client_ca_cert,
+        config.client_ca_key,
+        stem="client-ca",
+        common_name="attestd client CA",
+    )
+
+
+def _read_tls(config: ServerConfig) -> tuple[bytes, bytes]:
+    assert config.tls_cert is not None and config.tls_key is not None
+    read_private_key(config.tls_key)  # refuses a key file others can read
+    try:
+        return config.tls_key.read_bytes(), config.tls_cert.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read the TLS certificate or key: {e}") from None
+
+
+def _add_port(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None) -> int:
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError:  # newer grpc raises where older returned 0
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (address in use or not valid)")
+    return int(port)
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig, state: ServiceState) -> tuple[int, int]:
+    """The main port (TLS, or plaintext with insecure) and the mTLS port; their numbers."""
+    if config.insecure:
+        return _add_port(server, config.listen, None), 0
+    key, chain = _read_tls(config)
+    port = _add_port(server, config.listen, grpc.ssl_server_credentials([(key, chain)]))
+    mtls_port = 0
+    if config.mtls_listen:
+        client_roots = state.client_ca.chain_pem().encode()
+        mtls = grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_roots, require_client_auth=True
+        )
+        mtls_port = _add_port(server, config.mtls_listen, mtls)
+    return port, mtls_port
 
 
 def _address(config: ServerConfig, port: int) -> str:
@@ -274,6 +360,9 @@ def prepare_shared(config: ServerConfig) -> None:
     load_certificates(config.ek_intermediates, "ek_intermediates")
     SigningKeyring(config.data_dir, config.credential_lifetime_s, int(time.time() * 1000))
     IssuingCA(config.data_dir, config.issuing_ca_cert, config.issuing_ca_key)
+    client_ca_of(config)
+    if not config.insecure:
+        _read_tls(config)
     SqliteStore(config.store_path, history_per_device=config.history_per_device).close()
 
 
@@ -304,6 +393,8 @@ def serve_workers(
     """
     if not config.port:
         raise ConfigError(f"listen: {workers} workers need an explicit port")
+    if config.mtls_listen and not config.insecure and not config.mtls_port:
+        raise ConfigError(f"mtls_listen: {workers} workers need an explicit port")
     prepare_shared(config)
     ctx = multiprocessing.get_context("spawn")
     procs: list[multiprocessing.process.BaseProcess] = []

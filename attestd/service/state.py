@@ -52,6 +52,8 @@ class ServiceState:
     ek_intermediates: list[x509.Certificate]
     keyring: SigningKeyring
     ca: IssuingCA
+    # Issues role client certificates for the mTLS port.
+    client_ca: IssuingCA
     clock: Callable[[], float] = time.time
     # Policy versions are immutable, so (name, version) -> Policy never goes stale.
     _policies: dict[tuple[str, int], Policy] = field(default_factory=dict)

@@ -11,7 +11,10 @@ the caller.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from attestd.core.audit import AuditRecord, Checkpoint
 
 
 class StoreError(Exception):
@@ -182,6 +185,47 @@ class AttestationRecord:
     credential: CredentialRecord | None = None
 
 
+@dataclass(frozen=True)
+class CallerCredentialRecord:
+    """An API token or role client certificate (what authenticates a non-device caller)."""
+
+    cred_id: str  # "tok-…" / "crt-…"
+    kind: str  # "token" or "certificate"
+    role: str  # "policy-author", "gateway", "admin"
+    name: str
+    secret_hash: bytes  # tokens: SHA-256 of the secret (the secret is never stored)
+    cert_serial: str  # certificates: hex serial
+    cert_sha256: str  # certificates: hex SHA-256 of the DER certificate
+    created_at_ms: int
+    expires_at_ms: int  # 0: none
+    revoked_at_ms: int  # 0: live
+    created_by: str
+    revocation_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Preregistration:
+    """A device allowed to enroll (admission "preregistered"), from a shipping manifest."""
+
+    ek_cert_serial: str  # normalised hex, "" if not given
+    ek_cert_issuer: str  # RFC 4514, "" if not given
+    ek_public_sha256: str  # hex, "" if not given
+    name: str
+    group: str
+    added_at_ms: int = 0
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """What happened, before the store gives it a place (seq) in the hash chain."""
+
+    at_ms: int
+    kind: str
+    actor: str
+    subject: str
+    detail: dict[str, Any]
+
+
 class Store(Protocol):
     # Enrollment.
     def put_challenge(self, challenge: Challenge) -> None: ...
@@ -190,7 +234,11 @@ class Store(Protocol):
     def get_device(self, device_id: str) -> Device: ...
 
     # Nonces.
-    def put_nonce(self, nonce_hash: bytes, grant: NonceGrant) -> None: ...
+    # ``max_outstanding`` > 0: refuse (Rejected TOO_MANY_NONCES) when the device already
+    # holds that many unused, unexpired nonces at ``now_ms``.
+    def put_nonce(
+        self, nonce_hash: bytes, grant: NonceGrant, now_ms: int = 0, max_outstanding: int = 0
+    ) -> None: ...
     def consume_nonce(self, nonce_hash: bytes, device_id: str, now_ms: int) -> NonceGrant: ...
 
     # Attestations.
@@ -253,5 +301,28 @@ class Store(Protocol):
     # Latest evidence per device.
     def latest_evidence(self, device_id: str) -> Evidence | None: ...
     def all_evidence(self) -> list[tuple[Device, Evidence | None]]: ...
+
+    # Callers' credentials (API tokens and role client certificates).
+    def put_caller_credential(self, record: CallerCredentialRecord) -> None: ...
+    def get_caller_credential(self, cred_id: str) -> CallerCredentialRecord | None: ...
+    def find_certificate_credential(self, serial: str) -> CallerCredentialRecord | None: ...
+    def list_caller_credentials(self) -> list[CallerCredentialRecord]: ...
+    def revoke_caller_credential(
+        self, cred_id: str, reason: str, now_ms: int
+    ) -> CallerCredentialRecord: ...
+
+    # Admission control: (added, updated, unchanged); all rows or none.
+    def preregister(self, entries: list[Preregistration], now_ms: int) -> tuple[int, int, int]: ...
+    def find_preregistration(
+        self, ek_cert_serial: str, ek_cert_issuer: str, ek_public_sha256: str
+    ) -> Preregistration | None: ...
+
+    # The audit log: an append-only hash chain with signed checkpoints.
+    def append_audit(self, event: AuditEvent) -> AuditRecord: ...
+    def audit_records(self, after_seq: int, since_ms: int, limit: int) -> list[AuditRecord]: ...
+    def last_audit_record(self) -> AuditRecord | None: ...
+    def add_audit_checkpoint(self, checkpoint: Checkpoint) -> None: ...
+    def audit_checkpoints(self, after_seq: int) -> list[Checkpoint]: ...
+    def last_audit_checkpoint(self) -> Checkpoint | None: ...
 
     def close(self) -> None: ...

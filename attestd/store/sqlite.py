@@ -43,6 +43,11 @@ from attestd.store.base import (
     StoreUnavailable,
     VerdictEventRecord,
 )
+from attestd.store.sqlite_security import (
+    SECURITY_SCHEMA,
+    SecurityTables,
+    create_security_indexes,
+)
 
 T = TypeVar("T")
 
@@ -195,7 +200,7 @@ _SCHEMA: dict[str, tuple[dict[str, Any], str | tuple[str, ...]]] = {
 }
 
 
-class SqliteStore:
+class SqliteStore(SecurityTables):
     """Store implementation on a SQLite file (``:memory:`` is not supported: WAL needs a file)."""
 
     def __init__(
@@ -218,7 +223,7 @@ class SqliteStore:
             self.db.enable_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            for table, (columns, pk) in _SCHEMA.items():
+            for table, (columns, pk) in (_SCHEMA | SECURITY_SCHEMA).items():
                 t = self.db.table(table)
                 t.create(columns, pk=pk, if_not_exists=True)
                 # A store made by an older attestd gains the columns added since.
@@ -229,6 +234,8 @@ class SqliteStore:
             self.db["attestations"].create_index(["device_id", "id"], if_not_exists=True)  # type: ignore[union-attr]
             for table in ("nonces", "challenges", "credentials"):  # for pruning by expiry
                 self.db[table].create_index(["expires_at_ms"], if_not_exists=True)  # type: ignore[union-attr]
+            self.db["nonces"].create_index(["device_id", "expires_at_ms"], if_not_exists=True)  # type: ignore[union-attr]
+            create_security_indexes(self.db)
             self._create_counts()
         except (OSError, sqlite3.Error) as e:
             raise StoreUnavailable(f"cannot open the store at {self.path}: {e}") from None
@@ -259,6 +266,9 @@ class SqliteStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """An immediate (write-locking) transaction: read-decide-write stays atomic."""
         conn = self.db.conn
+        if conn.in_transaction:  # inside an enclosing transaction: part of it
+            yield conn
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
@@ -411,9 +421,29 @@ class SqliteStore:
 
     # -- nonces ----------------------------------------------------------
 
-    def put_nonce(self, nonce_hash: bytes, grant: NonceGrant) -> None:
+    def put_nonce(
+        self, nonce_hash: bytes, grant: NonceGrant, now_ms: int = 0, max_outstanding: int = 0
+    ) -> None:
         def go() -> None:
-            self.db.execute(
+            if max_outstanding > 0:
+                with self._tx() as c:
+                    (held,) = c.execute(
+                        "SELECT COUNT(*) FROM nonces WHERE device_id = ? AND expires_at_ms > ?"
+                        " AND used_at_ms IS NULL",
+                        (grant.device_id, now_ms),
+                    ).fetchone()
+                    if held >= max_outstanding:
+                        raise Rejected(
+                            f"the device already holds {held} unused nonces (the limit is"
+                            f" {max_outstanding}); use one or wait until they expire",
+                            "TOO_MANY_NONCES",
+                        )
+                    insert(c)
+            else:
+                insert(self.db.conn)
+
+        def insert(c: sqlite3.Connection) -> None:
+            c.execute(
                 "INSERT INTO nonces (nonce_hash, device_id, expires_at_ms, used_at_ms,"
                 " policy_name, policy_version) VALUES (?,?,?,NULL,?,?)",
                 (

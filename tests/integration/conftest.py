@@ -3,6 +3,12 @@
 The server runs its own event loop on a background thread, so tests drive it
 synchronously through real gRPC channels, the real agent and the real CLI.
 Tests that need time to pass can move the server's clock (``server.advance``).
+
+Like a deployment, it serves TLS (a trial CA from `attestd admin tls-init`) and
+authenticates callers: the harness makes one API token per role and talks to
+each service with the role that service is for (policy as a policy author,
+verdicts as a gateway, devices/keys/admin as an admin); devices call without a
+credential. ``run_cli`` gives the CLI the same, by command.
 """
 
 from __future__ import annotations
@@ -25,9 +31,15 @@ import yaml
 from tpmsim import Manufacturer, SimTpm
 
 from attestd.agent.client import Agent, AgentConfig, capture_policy
+from attestd.connect import Connection, open_channel
+from attestd.service.access import Role
+from attestd.service.admin import ROLE_TO_PB, create_token
 from attestd.service.config import ServerConfig
 from attestd.service.server import RunningServer, create_server
+from attestd.tlsinit import TlsFiles, init_tls
 from attestd.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     attestation_pb2_grpc,
     enrollment_pb2_grpc,
     keys_pb2_grpc,
@@ -42,22 +54,64 @@ REPO = Path(__file__).resolve().parents[2]
 BOOT_SELECTION = [("sha256", list(range(10)))]
 
 
+# address -> (CA certificate, {role: token}) of the running test servers, for run_cli.
+CLIENTS: dict[str, tuple[Path | None, dict[str, str]]] = {}
+ROLES = ("admin", "policy-author", "gateway")
+
+
 class ServerThread:
     """attestd's real server on 127.0.0.1:0, in its own event loop thread."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tls: TlsFiles | None = None) -> None:
         self.config = config
+        self.tls = tls
+        self.ca_cert = tls.ca_cert if tls is not None else None
         self.offset_s = 0.0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.running: RunningServer = asyncio.run_coroutine_threadsafe(
-            create_server(config), self.loop
-        ).result(30)
+        self.running: RunningServer = self.call(create_server(config))
         real_clock = self.running.state.clock
         self.running.state.clock = lambda: real_clock() + self.offset_s
         self.address = f"127.0.0.1:{self.running.port}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.mtls_address = f"127.0.0.1:{self.running.mtls_port}"
+        self.tokens = {role: self.make_token(role) for role in ROLES}
+        CLIENTS[self.address] = (self.ca_cert, self.tokens)
+        self.channels: dict[str, grpc.Channel] = {}
+        # Devices: no credential.
+        self.channel = self.open(None)
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def make_token(self, role: str, name: str = "") -> str:
+        """A new API token for ``role``, made as an admin would (through the store)."""
+        state = self.running.state
+        request = admin_pb2.CreateTokenRequest(
+            role=ROLE_TO_PB[Role(role)], name=name or f"test-{role}"
+        )
+        response = self.call(
+            state.store(create_token, state.store.store, request, state.now_ms(), "tests")
+        )
+        return str(response.token)
+
+    def connection(self, token: str | None = None, **kw: Any) -> Connection:
+        return Connection(
+            self.address,
+            ca_cert=self.ca_cert,
+            token=token or "",
+            insecure=self.config.insecure,
+            **kw,
+        )
+
+    def open(self, role: str | None, token: str | None = None) -> grpc.Channel:
+        """A channel to the main port with ``role``'s token (or ``token``; None: neither)."""
+        key = role or token or ""
+        if key not in self.channels:
+            secret = token or (self.tokens[role] if role else None)
+            self.channels[key] = open_channel(self.connection(secret))
+        return self.channels[key]
 
     def advance(self, seconds: float) -> None:
         """Move the server's clock forward (expiry tests without sleeping)."""
@@ -69,7 +123,7 @@ class ServerThread:
 
     @property
     def devices(self) -> enrollment_pb2_grpc.DevicesStub:
-        return enrollment_pb2_grpc.DevicesStub(self.channel)
+        return enrollment_pb2_grpc.DevicesStub(self.open("admin"))
 
     @property
     def attestation(self) -> attestation_pb2_grpc.AttestationStub:
@@ -77,15 +131,28 @@ class ServerThread:
 
     @property
     def policy(self) -> policy_pb2_grpc.PolicyStub:
-        return policy_pb2_grpc.PolicyStub(self.channel)
+        return policy_pb2_grpc.PolicyStub(self.open("policy-author"))
 
     @property
     def verdicts(self) -> verdicts_pb2_grpc.VerdictsStub:
-        return verdicts_pb2_grpc.VerdictsStub(self.channel)
+        return verdicts_pb2_grpc.VerdictsStub(self.open("gateway"))
 
     @property
     def keys(self) -> keys_pb2_grpc.KeysStub:
-        return keys_pb2_grpc.KeysStub(self.channel)
+        return keys_pb2_grpc.KeysStub(self.open("admin"))
+
+    @property
+    def admin(self) -> admin_pb2_grpc.AdminStub:
+        return admin_pb2_grpc.AdminStub(self.open("admin"))
+
+    def agent_config(self, tcti: str, state_dir: Path) -> AgentConfig:
+        return AgentConfig(
+            server=self.address,
+            tcti=tcti,
+            state_dir=state_dir,
+            ca_cert=self.ca_cert,
+            insecure=self.config.insecure,
+        )
 
     def put_policy(self, doc: dict[str, Any], note: str = "test") -> policy_pb2.PolicyInfo:
         info: policy_pb2.PolicyInfo = self.policy.PutPolicy(
@@ -94,28 +161,49 @@ class ServerThread:
         return info
 
     def stop(self) -> None:
-        self.channel.close()
+        for channel in self.channels.values():
+            channel.close()
+        CLIENTS.pop(self.address, None)
         asyncio.run_coroutine_threadsafe(self.running.stop(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
 
 
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """The trial TLS CA and server certificate every test server uses."""
+    return init_tls(tmp_path_factory.mktemp("tls"), ["127.0.0.1", "localhost"])
+
+
+def server_config(data_dir: Path, manufacturer: Manufacturer, tls: TlsFiles) -> ServerConfig:
+    """A server config as the tests use it: free ports, TLS, generous abuse limits."""
+    return ServerConfig(
+        listen="127.0.0.1:0",
+        mtls_listen="127.0.0.1:0",
+        data_dir=data_dir,
+        ek_roots=(manufacturer.root_cert_path,),
+        ek_intermediates=(manufacturer.intermediate_cert_path,),
+        tls_cert=tls.server_cert,
+        tls_key=tls.server_key,
+        # Tests attest quickly and often from one address: limits are tested on their own.
+        peer_rate_per_s=10_000.0,
+        peer_burst=10_000,
+        device_rate_per_s=10_000.0,
+        device_burst=10_000,
+    )
+
+
 @pytest.fixture
 def server_factory(
-    tmp_path: Path, manufacturer: Manufacturer
+    tmp_path: Path, manufacturer: Manufacturer, tls_files: TlsFiles
 ) -> Iterator[Callable[..., ServerThread]]:
     """make(**config overrides) -> a running server trusting `manufacturer`'s root."""
     servers: list[ServerThread] = []
 
     def make(**overrides: Any) -> ServerThread:
-        config = ServerConfig(
-            listen="127.0.0.1:0",
-            data_dir=tmp_path / f"server{len(servers)}",
-            ek_roots=(manufacturer.root_cert_path,),
-            ek_intermediates=(manufacturer.intermediate_cert_path,),
-        )
-        server = ServerThread(dataclasses.replace(config, **overrides))
+        config = server_config(tmp_path / f"server{len(servers)}", manufacturer, tls_files)
+        server = ServerThread(dataclasses.replace(config, **overrides), tls_files)
         servers.append(server)
         return server
 
@@ -166,7 +254,7 @@ def device_factory(
             tpm.boot()
         target = target or server
         state = tmp_path / f"agent{len(agents)}"
-        agent = Agent(AgentConfig(server=target.address, tcti=tpm.tcti, state_dir=state))
+        agent = Agent(target.agent_config(tpm.tcti, state))
         agents.append(agent)
         if enroll:
             agent.enroll(ak_alg=ak_alg)
@@ -191,12 +279,48 @@ def rpc_code(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return exc.code(), dict(exc.trailing_metadata() or ()).get("attestd-code", "")
 
 
+# Which role a CLI command needs (the first words of its arguments).
+CLI_ROLES = {
+    "policy": "policy-author",
+    "group": "policy-author",
+    "verdict": "gateway",
+    "credential": "gateway",
+    "trust-bundle": "gateway",
+}
+
+
+def cli_env(args: tuple[str, ...], role: str | None = "auto") -> dict[str, str]:
+    """Environment for the CLI talking to the test server named by ``--server``."""
+    env = {"TSS2_LOG": "all+none"}
+    if "--server" not in args:
+        return env
+    address = args[args.index("--server") + 1]
+    if address not in CLIENTS:
+        return env
+    ca, tokens = CLIENTS[address]
+    if ca is not None:
+        env["ATTESTD_CA_CERT"] = str(ca)
+    else:
+        env["ATTESTD_INSECURE"] = "1"
+    if role == "auto":
+        role = None if not args or args[0] == "agent" else CLI_ROLES.get(args[0], "admin")
+    if role is not None:
+        env["ATTESTD_TOKEN"] = tokens[role]
+    return env
+
+
 def run_cli(
-    *args: str, tool: str = "attestd", check: bool = False
+    *args: str, tool: str = "attestd", check: bool = False, role: str | None = "auto"
 ) -> subprocess.CompletedProcess[str]:
-    """Run the installed command (beside this interpreter) as a user would."""
+    """Run the installed command (beside this interpreter) as a user would.
+
+    Against a test server (``--server`` ADDRESS), the command trusts the server's CA
+    and carries the token of the role its command needs (``role``: "auto", a role, or
+    None for no credential); the agent (tool attestd-agent) never has a token.
+    """
     exe = Path(sys.executable).parent / tool
-    env = {**os.environ, "TSS2_LOG": "all+none"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTESTD_")}
+    env.update(cli_env(args, None if tool != "attestd" else role))
     proc = subprocess.run(
         [str(exe), *args], capture_output=True, text=True, env=env, timeout=120, check=False
     )

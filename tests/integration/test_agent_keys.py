@@ -241,9 +241,7 @@ def test_key_made_once_and_reused_across_attestations_restarts_and_reboots(
     assert tls_key_problem(pem) is None
 
     # A new agent process on the same state dir: same key file, same key.
-    restarted = Agent(
-        AgentConfig(server=device.server.address, tcti=device.tpm.tcti, state_dir=device.state_dir)
-    )
+    restarted = Agent(device.server.agent_config(device.tpm.tcti, device.state_dir))
     try:
         assert restarted.attest().verdict.status == AFFIRMING
         # A reboot (TPM reset, measured boot again): the wrapped key still loads.

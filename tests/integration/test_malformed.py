@@ -17,12 +17,12 @@ from typing import NamedTuple
 
 import grpc
 import pytest
-from conftest import Device, ServerThread, rpc_code
+from conftest import Device, ServerThread, rpc_code, server_config
 from tpmsim import Manufacturer
 
-from attestd.agent.client import Agent, AgentConfig
+from attestd.agent.client import Agent
 from attestd.agent.tpm import DeviceTpm
-from attestd.service.config import ServerConfig
+from attestd.tlsinit import TlsFiles
 from attestd.v1 import attestation_pb2, common_pb2, enrollment_pb2
 
 pytestmark = pytest.mark.integration
@@ -40,23 +40,18 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig(manufacturer: Manufacturer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+def rig(
+    manufacturer: Manufacturer, tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
+) -> Iterator[Rig]:
     root: Path = tmp_path_factory.mktemp("malformed-rig")
-    server = ServerThread(
-        ServerConfig(
-            listen="127.0.0.1:0",
-            data_dir=root / "server",
-            ek_roots=(manufacturer.root_cert_path,),
-            ek_intermediates=(manufacturer.intermediate_cert_path,),
-        )
-    )
+    server = ServerThread(server_config(root / "server", manufacturer, tls_files), tls_files)
     tpm = None
     agent = None
     try:
         tpm = manufacturer.make_tpm(root / "tpm")
         tpm.start()
         tpm.boot()
-        agent = Agent(AgentConfig(server=server.address, tcti=tpm.tcti, state_dir=root / "agent"))
+        agent = Agent(server.agent_config(tpm.tcti, root / "agent"))
         agent.enroll()
         dev = Device(tpm, agent, server, root / "agent")
         server.put_policy(dev.golden_policy())

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import BOOT_SELECTION, Device, ServerThread, rpc_code
+from conftest import BOOT_SELECTION, Device, ServerThread, rpc_code, server_config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -41,10 +41,10 @@ from tpm2_pytss.types import (
 )
 from tpmsim import Manufacturer, SimTpm
 
-from attestd.agent.client import Agent, AgentConfig
+from attestd.agent.client import Agent
 from attestd.agent.tpm import DEFAULT_AK_HANDLE, DeviceTpm, Quote
 from attestd.core.tpm import parse_attest
-from attestd.service.config import ServerConfig
+from attestd.tlsinit import TlsFiles
 from attestd.v1 import attestation_pb2, common_pb2, enrollment_pb2
 
 pytestmark = pytest.mark.integration
@@ -78,22 +78,17 @@ def _make_device(maker: Manufacturer, server: ServerThread, where: Path) -> Devi
     tpm = maker.make_tpm(where / "tpm")
     tpm.start()
     tpm.boot()
-    agent = Agent(AgentConfig(server=server.address, tcti=tpm.tcti, state_dir=where / "agent"))
+    agent = Agent(server.agent_config(tpm.tcti, where / "agent"))
     agent.enroll()
     return Device(tpm, agent, server, where / "agent")
 
 
 @pytest.fixture(scope="module")
-def rig(manufacturer: Manufacturer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+def rig(
+    manufacturer: Manufacturer, tmp_path_factory: pytest.TempPathFactory, tls_files: TlsFiles
+) -> Iterator[Rig]:
     root = tmp_path_factory.mktemp("rejections-rig")
-    server = ServerThread(
-        ServerConfig(
-            listen="127.0.0.1:0",
-            data_dir=root / "server",
-            ek_roots=(manufacturer.root_cert_path,),
-            ek_intermediates=(manufacturer.intermediate_cert_path,),
-        )
-    )
+    server = ServerThread(server_config(root / "server", manufacturer, tls_files), tls_files)
     devices: list[Device] = []
     try:
         devices.append(_make_device(manufacturer, server, root / "dev1"))
@@ -118,9 +113,7 @@ def ecc_dev(
     try:
         tpm.start()
         tpm.boot()
-        agent = Agent(
-            AgentConfig(server=rig.server.address, tcti=tpm.tcti, state_dir=where / "agent")
-        )
+        agent = Agent(rig.server.agent_config(tpm.tcti, where / "agent"))
         agent.enroll(ak_alg="ecc")
         yield Device(tpm, agent, rig.server, where / "agent")
     finally:

@@ -45,9 +45,9 @@ from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC, TPMT_SIG_SCHEME
 from tpmsim import Manufacturer
 
-from attestd.agent.client import Agent, AgentConfig
+from attestd.agent.client import Agent
 from attestd.agent.tpm import DeviceTpm
-from attestd.service.config import ServerConfig
+from attestd.tlsinit import TlsFiles
 from attestd.v1 import attestation_pb2, common_pb2, enrollment_pb2, keys_pb2, verdicts_pb2
 
 if TYPE_CHECKING:
@@ -443,7 +443,7 @@ def _make_device(ct: ModuleType, maker: Manufacturer, server: ServerThread, wher
     tpm = maker.make_tpm(where / "tpm")
     tpm.start()
     tpm.boot()
-    agent = Agent(AgentConfig(server=server.address, tcti=tpm.tcti, state_dir=where / "agent"))
+    agent = Agent(server.agent_config(tpm.tcti, where / "agent"))
     agent.enroll()
     device: Device = ct.Device(tpm, agent, server, where / "agent")
     return device
@@ -454,16 +454,12 @@ def rig(
     manufacturer: Manufacturer,
     tmp_path_factory: pytest.TempPathFactory,
     pytestconfig: pytest.Config,
+    tls_files: TlsFiles,
 ) -> Iterator[Rig]:
     ct = integration_conftest(pytestconfig)
     root = tmp_path_factory.mktemp("verdicts-rig")
     server: ServerThread = ct.ServerThread(
-        ServerConfig(
-            listen="127.0.0.1:0",
-            data_dir=root / "server",
-            ek_roots=(manufacturer.root_cert_path,),
-            ek_intermediates=(manufacturer.intermediate_cert_path,),
-        )
+        ct.server_config(root / "server", manufacturer, tls_files), tls_files
     )
     devices: list[Device] = []
     try:

@@ -1,0 +1,120 @@
+"""What goes into an audit record for an RPC, and the periodic signed checkpoints.
+
+``describe`` turns a request and its response (or its refusal) into the record's
+subject and detail. Secrets never enter it: tokens, credentials, activation
+secrets, nonces and encrypted blobs are left out; other bytes and long text are
+recorded as their SHA-256 and length, so the record proves *which* document or
+quote it was without copying it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from google.protobuf.message import Message
+
+from attestd.core.audit import MAX_DETAIL_BYTES, sign_checkpoint
+from attestd.store.base import Store
+
+log = logging.getLogger("attestd.audit")
+
+# Never recorded, whatever message they appear in.
+SECRET_FIELDS = frozenset(
+    {
+        "token",
+        "credential",
+        "secret",
+        "nonce",
+        "encrypted_secret",
+        "credential_blob",
+        "private_key",
+    }
+)
+MAX_TEXT = 200
+MAX_ITEMS = 32
+# Fields that name what a call is about, in order of preference.
+SUBJECT_FIELDS = ("device_id", "name", "group", "id")
+
+
+def digest_of(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, Message):
+        return scrub(v)
+    if isinstance(v, bytes):
+        return digest_of(v)
+    if isinstance(v, str) and len(v) > MAX_TEXT:
+        return digest_of(v.encode())
+    if isinstance(v, float) and v != v:  # NaN has no JSON form
+        return None
+    return v
+
+
+def scrub(message: Message) -> dict[str, Any]:
+    """The message's set fields, secrets left out, big values replaced by digests."""
+    out: dict[str, Any] = {}
+    for field, value in message.ListFields():
+        if field.name in SECRET_FIELDS:
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            items = sorted(value.items())[:MAX_ITEMS]
+            out[field.name] = {str(k): _value(v) for k, v in items}
+        elif field.is_repeated:
+            out[field.name] = [_value(v) for v in list(value)[:MAX_ITEMS]]
+            if len(value) > MAX_ITEMS:
+                out[field.name + "_count"] = len(value)
+        else:
+            out[field.name] = _value(value)
+    return out
+
+
+def subject_of(request: Message, response: Message | None) -> str:
+    for source in (request, response):
+        if source is None:
+            continue
+        for name in SUBJECT_FIELDS:
+            if name in source.DESCRIPTOR.fields_by_name:
+                value = getattr(source, name)
+                if isinstance(value, str) and value:
+                    return value[:MAX_TEXT]
+    return ""
+
+
+def describe(
+    request: Message, response: Message | None, outcome: str
+) -> tuple[str, dict[str, Any]]:
+    """(subject, detail) of a call; ``outcome`` is "ok" or the refusal's reason code."""
+    detail: dict[str, Any] = {"outcome": outcome, "request": scrub(request)}
+    if response is not None:
+        detail["result"] = scrub(response)
+    text = json.dumps(detail, sort_keys=True, default=str)
+    if len(text.encode()) > MAX_DETAIL_BYTES // 2:  # keep records small: digests instead
+        detail = {
+            "outcome": outcome,
+            "request": digest_of(request.SerializeToString(deterministic=True)),
+        }
+        if response is not None:
+            detail["result"] = digest_of(response.SerializeToString(deterministic=True))
+    return subject_of(request, response), detail
+
+
+def checkpoint_if_due(
+    store: Store, key: Any, kid: str, now_ms: int, every: int, interval_s: int
+) -> bool:
+    """Sign the newest record if ``every`` records or ``interval_s`` passed since the last."""
+    last = store.last_audit_record()
+    if last is None:
+        return False
+    cp = store.last_audit_checkpoint()
+    if cp is not None and cp.seq >= last.seq:
+        return False
+    behind = last.seq - (cp.seq if cp else 0)
+    if cp is not None and behind < every and now_ms - cp.at_ms < interval_s * 1000:
+        return False
+    store.add_audit_checkpoint(sign_checkpoint(key, kid, last, now_ms))
+    return True
