@@ -2,7 +2,8 @@
 
 Exit codes: 0 success (for attestations: affirming), 1 refused or invalid
 evidence (reasons printed), 2 unusable arguments, unreadable files or an
-unreachable server.
+unreachable server, 3 no credential, or one the server refused or whose role
+may not make the call.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,7 +22,15 @@ from typing import Any
 import grpc
 from cryptography.utils import CryptographyDeprecationWarning
 
-from attestd import gatewaycli, policycli
+from attestd import admincli, gatewaycli, policycli
+from attestd.connect import (
+    ENV_CA_CERT,
+    ENV_INSECURE,
+    ENV_SERVER,
+    ConnectError,
+    add_connection_args,
+    channel_from_args,
+)
 from attestd.core.ear import decode_unverified
 from attestd.core.errors import EvidenceError
 from attestd.core.quote import appraise_quote, parse_evidence
@@ -29,7 +39,7 @@ from attestd.core.tpm import Bank, parse_attest
 from attestd.core.verdict import Verdict
 from attestd.service.errors import CODE_KEY
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_AUTH = 0, 1, 2, 3
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_EVENT_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
 STATUS_NAMES = {0: "unspecified", 1: "none", 2: "affirming", 3: "warning", 4: "contraindicated"}
@@ -48,15 +58,42 @@ def _read(path: str, what: str) -> bytes:
         raise CliError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def _rpc_error(e: grpc.RpcError) -> CliError:
+# PERMISSION_DENIED codes that are about the caller's role (others, like
+# EK_CHAIN_UNTRUSTED, refuse a device's evidence and stay exit 1).
+_ACCESS_CODES = frozenset({"", "ROLE_NOT_ALLOWED", "NOT_YOUR_DEVICE", "METHOD_NOT_ALLOWED"})
+_TLS_WORDS = ("ssl", "tls", "handshake", "certificate")
+
+
+def _rpc_error(e: grpc.RpcError, role_hint: str = "", local_hint: str = "") -> CliError:
     code = e.code() if isinstance(e, grpc.Call) else None
     reason = ""
     if isinstance(e, grpc.Call):
         reason = dict(e.trailing_metadata() or ()).get(CODE_KEY, "")
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return CliError(f"server unreachable: {e.details() if isinstance(e, grpc.Call) else e}")
-    name = code.name if code else "ERROR"
     details = e.details() if isinstance(e, grpc.Call) else str(e)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        message = f"server unreachable: {details}"
+        if any(word in (details or "").lower() for word in _TLS_WORDS):
+            message += (
+                f"\nhint: TLS failed; give the CA that signed the server's certificate"
+                f" (--ca-cert / ${ENV_CA_CERT}), or --insecure for a server run with --insecure"
+            )
+        return CliError(message)
+    role = f"the {role_hint} role" if role_hint else "the role this command needs"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        what = "no credential" if reason == "CREDENTIAL_REQUIRED" else "credential refused"
+        return CliError(
+            f"{what}: {reason or code.name}: {details}\nhint: give an API token"
+            f" (ATTESTD_TOKEN / --token-file) or a client certificate (--client-cert /"
+            f" --client-key, on the server's mTLS port) with {role}{local_hint}",
+            EXIT_AUTH,
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED and reason in _ACCESS_CODES:
+        return CliError(
+            f"not allowed: {reason or code.name}: {details}\nhint: this command needs a"
+            f" credential with {role}{local_hint}",
+            EXIT_AUTH,
+        )
+    name = code.name if code else "ERROR"
     return CliError(f"refused: {name} {reason}: {details}", EXIT_INVALID)
 
 
@@ -84,6 +121,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "workers": args.workers,
                 "history_per_device": args.history_per_device,
                 "event_retention": args.event_retention,
+                "tls_cert": args.tls_cert,
+                "tls_key": args.tls_key,
+                # None, not False: the config file may set it too.
+                "insecure": True if args.insecure else None,
+                "mtls_listen": args.mtls_listen,
+                "client_ca_cert": args.client_ca_cert,
+                "client_ca_key": args.client_ca_key,
+                "admission": args.admission,
             },
         )
         workers = config.worker_count()
@@ -109,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    return grpc.insecure_channel(args.server)
+    return channel_from_args(args)
 
 
 def cmd_device_show(args: argparse.Namespace) -> int:
@@ -319,6 +364,8 @@ def cmd_eventlog_state(args: argparse.Namespace) -> int:
 def _agent(args: argparse.Namespace) -> Any:
     from attestd.agent.client import Agent, AgentConfig
 
+    if args.insecure and args.ca_cert:
+        raise CliError("--insecure uses no certificates: give --ca-cert or --insecure")
     return Agent(
         AgentConfig(
             server=args.server,
@@ -326,6 +373,8 @@ def _agent(args: argparse.Namespace) -> Any:
             state_dir=Path(args.state_dir),
             ak_handle=int(args.ak_handle, 0),
             ek_type=args.ek_type,
+            ca_cert=Path(args.ca_cert) if args.ca_cert else None,
+            insecure=args.insecure,
         )
     )
 
@@ -535,6 +584,33 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="server log level (debug logs every call); overrides -v",
     )
+    t = s.add_argument_group("security")
+    t.add_argument(
+        "--tls-cert",
+        help="the server's TLS certificate chain (PEM; `attestd admin tls-init` makes a trial one)",
+    )
+    t.add_argument("--tls-key", help="its private key (PEM, readable by this user only)")
+    t.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext without TLS, on a trusted loopback only (no mTLS port)",
+    )
+    t.add_argument(
+        "--mtls-listen",
+        help="address of the port for role client certificates (default 127.0.0.1:50052;"
+        " '' disables it)",
+    )
+    t.add_argument(
+        "--client-ca-cert",
+        help="CA (PEM) issuing role client certificates (default: one made in the data dir)",
+    )
+    t.add_argument("--client-ca-key", help="its private key (PEM)")
+    t.add_argument(
+        "--admission",
+        choices=("any", "preregistered"),
+        help="which devices may enroll: any with a trusted EK certificate (default), or only"
+        " those listed by `attestd device preregister`",
+    )
     s.set_defaults(func=cmd_serve)
 
     policycli.register(sub, DEFAULT_SERVER)
@@ -544,10 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c = dev.add_parser("show", help="a device and its latest verdict")
     c.add_argument("device_id")
-    c.add_argument("--server", default=DEFAULT_SERVER)
+    add_connection_args(c, DEFAULT_SERVER)
     c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_device_show)
+    c.set_defaults(func=cmd_device_show, role_hint="policy-author, gateway or admin")
     gatewaycli.register(sub, dev, DEFAULT_SERVER)
+    admincli.register(sub, dev, DEFAULT_SERVER)
 
     c = sub.add_parser("check-quote", help="verify a TPM2 quote offline")
     c.add_argument("--ak", required=True, help="AK: PEM, TPM2B_PUBLIC or TPMT_PUBLIC")
@@ -577,7 +654,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_agent_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attestd-agent", description="attestd device agent")
-    p.add_argument("--server", default=DEFAULT_SERVER, help="attestd address")
+    env = os.environ.get
+    p.add_argument(
+        "--server",
+        default=env(ENV_SERVER, DEFAULT_SERVER),
+        help=f"attestd address (${ENV_SERVER}; default {DEFAULT_SERVER})",
+    )
+    # Devices never send API tokens: the TPM proves them. Only the server is checked.
+    p.add_argument(
+        "--ca-cert",
+        default=env(ENV_CA_CERT),
+        help=f"CA certificate (PEM) that signed attestd's TLS certificate (${ENV_CA_CERT};"
+        " default: the system's roots)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env(ENV_INSECURE, "") not in ("", "0"),
+        help=f"plaintext, for a server run with --insecure (${ENV_INSECURE}=1)",
+    )
     p.add_argument(
         "--tcti",
         default="device:/dev/tpmrm0",
@@ -653,7 +748,10 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except CliError as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return e.exit_code
-    except policycli.UsageError as e:
+    except admincli.AdminCliError as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (policycli.UsageError, ConnectError) as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
@@ -661,7 +759,7 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         sys.stderr.close()
         return EXIT_OK
     except grpc.RpcError as e:
-        err = _rpc_error(e)
+        err = _rpc_error(e, getattr(args, "role_hint", ""), getattr(args, "local_hint", ""))
         print(f"{parser.prog}: {err}", file=sys.stderr)
         return err.exit_code
     except EvidenceError as e:

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 
+from attestd.connect import add_connection_args, channel_from_args
 from attestd.v1 import (
     enrollment_pb2,
     enrollment_pb2_grpc,
@@ -36,7 +36,7 @@ def _dump(message: Any) -> None:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.server) as ch:
+    with channel_from_args(args) as ch:
         stub = enrollment_pb2_grpc.DevicesStub(ch)
         if args.command_name == "revoke":
             stub.RevokeDevice(
@@ -56,7 +56,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_verdict_get(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.server) as ch:
+    with channel_from_args(args) as ch:
         v = verdicts_pb2_grpc.VerdictsStub(ch).GetVerdict(
             verdicts_pb2.GetVerdictRequest(device_id=args.device_id)
         )
@@ -77,7 +77,7 @@ def cmd_verdict_watch(args: argparse.Namespace) -> int:
         after_cursor=args.after, device_ids=args.device or []
     )
     seen = 0
-    with grpc.insecure_channel(args.server) as ch:
+    with channel_from_args(args) as ch:
         for event in verdicts_pb2_grpc.VerdictsStub(ch).WatchVerdicts(request):
             if args.json:
                 print(
@@ -116,7 +116,7 @@ def cmd_credential_verify(args: argparse.Namespace) -> int:
                 print(f"attestd: cannot read token file {token}: {e.strerror}", file=sys.stderr)
                 return 2
         request = verdicts_pb2.VerifyCredentialRequest(token=token, device_id=args.device or "")
-    with grpc.insecure_channel(args.server) as ch:
+    with channel_from_args(args) as ch:
         resp = verdicts_pb2_grpc.VerdictsStub(ch).VerifyCredential(request)
     if args.json:
         _dump(resp)
@@ -129,7 +129,7 @@ def cmd_credential_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_trust_bundle(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.server) as ch:
+    with channel_from_args(args) as ch:
         bundle = verdicts_pb2_grpc.VerdictsStub(ch).GetTrustBundle(
             verdicts_pb2.GetTrustBundleRequest()
         )
@@ -144,7 +144,7 @@ def cmd_trust_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(args.server) as ch:
+    with channel_from_args(args) as ch:
         stub = keys_pb2_grpc.KeysStub(ch)
         if args.keys_command == "rotate":
             keys = stub.RotateSigningKey(keys_pb2.RotateSigningKeyRequest())
@@ -169,8 +169,8 @@ def register(sub: Any, device_sub: Any, server: str) -> None:
         )
         c.add_argument("device_id")
         c.add_argument("--reason", required=True)
-        c.add_argument("--server", default=server)
-        c.set_defaults(func=cmd_revoke, command_name=name)
+        add_connection_args(c, server)
+        c.set_defaults(func=cmd_revoke, command_name=name, role_hint="admin")
 
     ver = sub.add_parser("verdict", help="device verdicts, as gateways see them").add_subparsers(
         dest="verdict_command", required=True
@@ -184,8 +184,9 @@ def register(sub: Any, device_sub: Any, server: str) -> None:
     c.add_argument("--max-events", type=int, default=0, help="stop after N events")
     c.set_defaults(func=cmd_verdict_watch)
     for p in ver.choices.values():
-        p.add_argument("--server", default=server)
+        add_connection_args(p, server)
         p.add_argument("--json", action="store_true")
+        p.set_defaults(role_hint="gateway or admin")
 
     cred = sub.add_parser("credential", help="session credentials").add_subparsers(
         dest="credential_command", required=True
@@ -196,14 +197,14 @@ def register(sub: Any, device_sub: Any, server: str) -> None:
     c.add_argument("token", nargs="?")
     c.add_argument("--certificate", help="a client certificate attestd issued (PEM or DER)")
     c.add_argument("--device", help="the device the credential must belong to")
-    c.add_argument("--server", default=server)
+    add_connection_args(c, server)
     c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_credential_verify)
+    c.set_defaults(func=cmd_credential_verify, role_hint="gateway or admin")
 
     c = sub.add_parser("trust-bundle", help="the JWKS and CA chain to verify credentials offline")
     c.add_argument("--jwks", help="write the JWKS here")
     c.add_argument("--ca", help="write the CA chain (PEM) here")
-    c.add_argument("--server", default=server)
+    add_connection_args(c, server)
     c.set_defaults(func=cmd_trust_bundle)
 
     keys = sub.add_parser("keys", help="attestd's credential signing keys").add_subparsers(
@@ -214,6 +215,6 @@ def register(sub: Any, device_sub: Any, server: str) -> None:
         ("list", "signing keys and how long each stays published"),
     ):
         c = keys.add_parser(name, help=helptext)
-        c.add_argument("--server", default=server)
+        add_connection_args(c, server)
         c.add_argument("--json", action="store_true")
-        c.set_defaults(func=cmd_keys)
+        c.set_defaults(func=cmd_keys, role_hint="admin")

@@ -19,6 +19,7 @@ import grpc
 import yaml
 from google.protobuf.json_format import MessageToDict
 
+from attestd.connect import add_connection_args, channel_from_args
 from attestd.v1 import policy_pb2, policy_pb2_grpc
 
 EXIT_OK = 0
@@ -31,7 +32,7 @@ class UsageError(Exception):
 
 
 def _stub(args: argparse.Namespace) -> tuple[grpc.Channel, policy_pb2_grpc.PolicyStub]:
-    channel = grpc.insecure_channel(args.server)
+    channel = channel_from_args(args)
     return channel, policy_pb2_grpc.PolicyStub(channel)
 
 
@@ -342,9 +343,14 @@ def cmd_group_assign(args: argparse.Namespace) -> int:
 # --- parsers ------------------------------------------------------------------
 
 
-def _common(p: argparse.ArgumentParser, server: str) -> None:
-    p.add_argument("--server", default=server)
+# Commands that only read: admins may run them too.
+_READS = frozenset({"get", "list", "history", "diff", "dry-run"})
+
+
+def _common(p: argparse.ArgumentParser, server: str, command: str) -> None:
+    add_connection_args(p, server)
     p.add_argument("--json", action="store_true")
+    p.set_defaults(role_hint="policy-author or admin" if command in _READS else "policy-author")
 
 
 def _publishing(p: argparse.ArgumentParser) -> None:
@@ -403,8 +409,8 @@ def register(sub: Any, server: str) -> None:
     c.add_argument("candidate", metavar="FILE-or-NAME@N")
     c.add_argument("--group", help="only this group's devices")
     c.set_defaults(func=cmd_dry_run)
-    for parser in pol.choices.values():
-        _common(parser, server)
+    for command, parser in pol.choices.items():
+        _common(parser, server, command)
 
     grp = sub.add_parser("group", help="device groups").add_subparsers(
         dest="group_command", required=True
@@ -441,5 +447,5 @@ def register(sub: Any, server: str) -> None:
     c = grp.add_parser("unassign", help="remove devices' assignment by id")
     c.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
     c.set_defaults(func=cmd_group_unassign)
-    for parser in grp.choices.values():
-        _common(parser, server)
+    for command, parser in grp.choices.items():
+        _common(parser, server, command)

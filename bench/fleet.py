@@ -28,6 +28,12 @@ in with executemany in large transactions on a connection tuned for loading
 (no journal, no sync); the file is put back in WAL mode at the end.
 
 Usage: python bench/fleet.py DATA_DIR N [--ak-pool K]
+
+Then serve it as bench/e2e.py does: ``attestd serve --data-dir DATA_DIR --ek-root
+DATA_DIR/bench-ek-ca.pem`` with TLS (``--tls-cert``/``--tls-key``, e.g. from
+``attestd admin tls-init``) and a ``--config`` file raising the abuse limits
+(``peer_rate_per_s``, ``peer_burst``, ``device_rate_per_s``, ``device_burst``,
+``max_outstanding_nonces``): the load generator drives every device from one address.
 """
 
 from __future__ import annotations

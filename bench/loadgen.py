@@ -10,6 +10,10 @@ Two phases against the same server, same channels, same concurrency:
    AK -> Attest -> the verdict must be affirming and carry a credential.
    Latency is that whole round, as a device sees it.
 
+Both phases go over TLS to the same port (``--ca-cert``: the CA that signed
+attestd's certificate), each caller on its own TLS connection, without a token:
+devices need none. ``--insecure`` is for a server run with ``--insecure``.
+
 Each phase has an untimed warm-up, then runs for a fixed time; the rate is
 completions in the timed window over its length. With ``--server-pid``, the
 CPU time the server processes (that pid and its descendants) used in each
@@ -60,6 +64,7 @@ from fleet import (
     u32,
 )
 
+from attestd.connect import ENV_CA_CERT, Connection, open_aio_channel
 from attestd.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 
 AFFIRMING = common_pb2.VERDICT_STATUS_AFFIRMING
@@ -224,10 +229,10 @@ async def run_phase(
 # --- phases ----------------------------------------------------------------------------
 
 
-def make_channels(target: str, n: int) -> list[grpc.aio.Channel]:
+def make_channels(conn: Connection, n: int) -> list[grpc.aio.Channel]:
     # A local subchannel pool: n real connections (several server workers can share them).
     opts = [("grpc.use_local_subchannel_pool", 1)]
-    return [grpc.aio.insecure_channel(target, options=opts) for _ in range(n)]
+    return [open_aio_channel(conn, opts) for _ in range(n)]
 
 
 class AttestFailed(Exception):
@@ -250,7 +255,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     prep_s = time.perf_counter() - t0
 
     args.channels = args.channels or args.concurrency
-    channels = make_channels(args.target, args.channels)
+    conn = Connection(
+        args.target, ca_cert=Path(args.ca_cert) if args.ca_cert else None, insecure=args.insecure
+    )
+    channels = make_channels(conn, args.channels)
     for ch in channels:
         await asyncio.wait_for(ch.channel_ready(), 10)
     c = args.concurrency
@@ -258,6 +266,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     attest = [attestation_pb2_grpc.AttestationStub(channels[i % len(channels)]) for i in range(c)]
     result: dict[str, object] = {
         "target": args.target,
+        "transport": "plaintext" if args.insecure else "TLS",
         "concurrency": c,
         "channels": args.channels,
         "working_set": working_set,
@@ -367,6 +376,13 @@ def main() -> None:
     p.add_argument("--target", required=True, help="host:port of attestd")
     p.add_argument("--fleet", help="fleet.json written by bench/fleet.py")
     p.add_argument(
+        "--ca-cert",
+        default=os.environ.get(ENV_CA_CERT),
+        help=f"CA (PEM) that signed attestd's TLS certificate (${ENV_CA_CERT};"
+        " default: the system's roots)",
+    )
+    p.add_argument("--insecure", action="store_true", help="plaintext (a server run --insecure)")
+    p.add_argument(
         "--echo-only", action="store_true", help="only the echo phase (any gRPC server with Health)"
     )
     p.add_argument("--concurrency", type=int, default=32)
@@ -381,6 +397,8 @@ def main() -> None:
     args = p.parse_args()
     if not args.echo_only and not args.fleet:
         p.error("--fleet is required (or --echo-only)")
+    if args.insecure and args.ca_cert:
+        p.error("--insecure uses no certificate")
     result = asyncio.run(main_async(args))
     print(json.dumps(result))
 

@@ -2,6 +2,8 @@
 # The boot story, told with a simulated TPM and attestd on its embedded SQLite store:
 # enroll -> golden capture -> attest with the boot event log (AFFIRMING, credential)
 # -> tampered boots -> CONTRAINDICATED, naming what changed.
+# attestd runs as deployed: TLS (a throwaway trial CA), and every caller with a role
+# (admin, policy author, gateway) carries its own API token; devices need none.
 # Run through `make demo`, which installs everything first. Exits 0 only if the story
 # went as it should; stops every process it started.
 set -euo pipefail
@@ -41,18 +43,40 @@ tcti=$("$here/start.sh" --state "$demo/tpm" --port "$(free_port)")
 echo "TPM running, TCTI $tcti"
 
 step "2. attestd starts (SQLite store in $demo/attestd), trusting that vendor's root"
-port=$(free_port)
-attestd serve --listen "127.0.0.1:$port" --data-dir "$demo/attestd" \
+echo "  TLS on every port (a throwaway CA from 'attestd admin tls-init'); calls that change"
+echo "  or read policy, verdicts and devices need an API token with the right role:"
+echo "  policy-author, gateway, admin. Devices need none: their TPM proves them."
+tls=$demo/tls
+attestd admin tls-init --out "$tls" --host 127.0.0.1 --host localhost >/dev/null
+# Every client trusts that CA; each step below picks the token of its role.
+export ATTESTD_CA_CERT=$tls/ca-cert.pem
+unset ATTESTD_TOKEN ATTESTD_TOKEN_FILE ATTESTD_INSECURE
+mkdir -m 700 "$demo/attestd" "$demo/tokens"
+for role in admin policy-author gateway; do
+  # Local mode, on the server's own data directory (how the first tokens are made).
+  attestd admin token create --role "$role" --name "demo-$role" --data-dir "$demo/attestd" \
+    --out "$demo/tokens/$role.token" >/dev/null
+done
+echo "  tokens (mode 0600): $demo/tokens/{admin,policy-author,gateway}.token"
+as() { local role=$1; shift; ATTESTD_TOKEN_FILE="$demo/tokens/$role.token" "$@"; }
+port=$(free_port) # and port+1, free too: the mTLS port (role client certificates)
+attestd serve --listen "127.0.0.1:$port" --mtls-listen "127.0.0.1:$((port + 1))" \
+  --tls-cert "$tls/server-cert.pem" --tls-key "$tls/server-key.pem" \
+  --data-dir "$demo/attestd" \
   --ek-root "$demo/vendor-ca/swtpm-localca-rootca-cert.pem" \
   --ek-intermediate "$demo/vendor-ca/issuercert.pem" >"$demo/attestd.log" 2>&1 &
 server_pid=$!
 server=127.0.0.1:$port
-for _ in $(seq 50); do
-  attestd policy list --server "$server" >/dev/null 2>&1 && break
+up=""
+for _ in $(seq 100); do
+  as policy-author attestd policy list --server "$server" >/dev/null 2>&1 && up=1 && break
+  kill -0 "$server_pid" 2>/dev/null || break
   sleep 0.2
 done
-echo "attestd listening on $server"
-agent=(attestd-agent --server "$server" --tcti "$tcti" --state-dir "$demo/agent")
+[ -n "$up" ] || { echo "demo: attestd did not start:" >&2; cat "$demo/attestd.log" >&2; exit 1; }
+echo "attestd listening on $server (TLS), mTLS port $((port + 1))"
+agent=(attestd-agent --server "$server" --ca-cert "$ATTESTD_CA_CERT" --tcti "$tcti"
+  --state-dir "$demo/agent")
 
 bootsim() { "$py" "$here/bootsim.py" --tcti "$tcti" --cache-dir "$demo" "$@"; }
 
@@ -80,7 +104,17 @@ eventlog:
     regex: ['/vmlinuz-\S+ root=/dev/sda1 ro( quiet)?']
 EOF
 sed -n '/^eventlog:/,$p' "$demo/golden.yaml" | sed 's/^/  /'
-attestd policy put "$demo/golden.yaml" -m "golden values of the lab reference machine" --server "$server"
+echo "without a token, the change is refused:"
+set +e
+attestd policy put "$demo/golden.yaml" -m "no credential" --server "$server" 2>"$demo/refused.txt"
+rc=$?
+set -e
+[ "$rc" -eq 3 ] && grep -q CREDENTIAL_REQUIRED "$demo/refused.txt" \
+  || { echo "demo: expected the unauthenticated change to be refused" >&2; cat "$demo/refused.txt" >&2; exit 1; }
+echo "  refused (UNAUTHENTICATED, exit $rc): $(head -n 1 "$demo/refused.txt")"
+echo "with the policy author's token:"
+as policy-author attestd policy put "$demo/golden.yaml" \
+  -m "golden values of the lab reference machine" --server "$server"
 
 step "6. The device attests its boot: nonce -> TPM quote -> verdict"
 "${agent[@]}" attest --event-log "$demo/boot-good.log" --json >"$demo/attest-good.json" || true
@@ -124,7 +158,12 @@ step "8b. Another boot: Secure Boot switched off in firmware setup"
 bootsim --log "$demo/boot-sb-off.log" --tamper secureboot-off >/dev/null
 attest_expect "$demo/boot-sb-off.log" "$demo/attest-sb-off.txt" "SECURE_BOOT_DISABLED"
 
-step "9. What attestd remembers about the device"
-attestd device show "$device_id" --server "$server"
+step "9. What attestd remembers about the device (as an admin), and what a gateway sees"
+as admin attestd device show "$device_id" --server "$server"
+echo "the gateway's view (gateway token):"
+as gateway attestd verdict get "$device_id" --server "$server" | sed 's/^/  /'
 
-printf '\n\033[1mDemo complete:\033[0m the good boot was AFFIRMING with a credential; the tampered boots were CONTRAINDICATED (PCR 4 with its unlogged extend; Secure Boot off) with none.\n'
+step "10. The audit log: every change and verdict, hash-chained and signed (as an admin)"
+as admin attestd audit verify --server "$server"
+
+printf '\n\033[1mDemo complete:\033[0m the good boot was AFFIRMING with a credential; the tampered boots were CONTRAINDICATED (PCR 4 with its unlogged extend; Secure Boot off) with none. Every call went over TLS; the policy change without a token was refused.\n'

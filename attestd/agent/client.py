@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
-from attestd.connect import Connection, open_channel
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tpm2_pytss.constants import ESYS_TR
@@ -42,6 +40,7 @@ from attestd.agent.tpm import (
     KeyUnusableError,
     tls_key_problem,
 )
+from attestd.connect import Connection, open_channel
 from attestd.core.ear import decode_unverified
 from attestd.core.tpm import parse_public
 from attestd.privatefile import write_private

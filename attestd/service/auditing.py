@@ -59,7 +59,10 @@ def scrub(message: Message) -> dict[str, Any]:
     """The message's set fields, secrets left out, big values replaced by digests."""
     out: dict[str, Any] = {}
     for field, value in message.ListFields():
-        if field.name in SECRET_FIELDS:
+        # A secret is a value (a JWT, a token, nonce bytes); a message of that name is
+        # metadata about one (CreateTokenResponse.credential: its id, role, expiry),
+        # scrubbed field by field like any other.
+        if field.name in SECRET_FIELDS and field.message_type is None:
             continue
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             items = sorted(value.items())[:MAX_ITEMS]

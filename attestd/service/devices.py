@@ -39,6 +39,7 @@ class DevicesService(enrollment_pb2_grpc.DevicesServicer):
             tpm_manufacturer=device.facts.get("tpm_manufacturer", ""),
             tpm_model=device.facts.get("tpm_model", ""),
             tpm_version=device.facts.get("tpm_version", ""),
+            name=device.facts.get("name", ""),
         )
         if latest is not None:
             info.latest_verdict.CopyFrom(record_verdict_pb(latest))

@@ -13,7 +13,7 @@ import grpc
 from attestd.core.enroll import EnrollmentFacts, make_challenge, verify_enrollment
 from attestd.service.errors import ServiceError
 from attestd.service.state import ServiceState, cached_public
-from attestd.store.base import Challenge, Preregistration
+from attestd.store.base import Challenge, NotFound, Preregistration
 from attestd.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logging.getLogger("attestd.enrollment")
@@ -117,6 +117,15 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):
         group = challenge.facts.get("preregistered_group", "")
         if group and await self.s.store(store.assigned_group, device.device_id) is None:
             # The manifest's group applies at first activation; authors may move it later.
-            await self.s.store(store.assign_devices, group, [device.device_id])
+            try:
+                await self.s.store(store.assign_devices, group, [device.device_id])
+            except NotFound:
+                # Deleted since the manifest was loaded. The device is activated already:
+                # failing now would leave the agent believing it is not, on every retry.
+                log.warning(
+                    "pre-registered group %r no longer exists; device=%s left unassigned",
+                    group,
+                    device.device_id,
+                )
         log.info("device activated device=%s", device.device_id)
         return enrollment_pb2.ActivateResponse(device_id=device.device_id, ak_name=ak_name)

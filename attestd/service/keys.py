@@ -9,11 +9,15 @@ and ca-cert.pem, created on first start, or files named in the configuration.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
+import os
 import secrets
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,32 +76,47 @@ class SigningKeyring:
         self.lifetime_s = lifetime_s
         self._lock = threading.Lock()
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        index = self.dir / "keys.json"
         self.keys: list[SigningKey] = []
-        if index.exists():
-            for entry in json.loads(index.read_text()):
-                key = read_private_key(self.dir / f"{entry['kid']}.pem")
-                if not isinstance(key, ec.EllipticCurvePrivateKey):
-                    raise ConfigError(f"signing key {entry['kid']} is not an EC key")
-                self.keys.append(
-                    SigningKey(
-                        entry["kid"],
-                        key,
-                        entry["created_at_ms"],
-                        entry["retired_at_ms"],
-                        entry.get("retired_lifetime_s", 0),
-                    )
-                )
-        else:
-            legacy = data_dir / "signing-key.pem"
-            if legacy.exists():  # the single key of earlier versions becomes the first
-                key = read_private_key(legacy)
-                if not isinstance(key, ec.EllipticCurvePrivateKey):
-                    raise ConfigError(f"{legacy} is not an EC key")
-                self._add(key, now_ms)
+        with self._file_lock():
+            if (self.dir / "keys.json").exists():
+                self.keys = self._load()
             else:
-                self._add(ec.generate_private_key(ec.SECP256R1()), now_ms)
-            self._save()
+                legacy = data_dir / "signing-key.pem"
+                if legacy.exists():  # the single key of earlier versions becomes the first
+                    key = read_private_key(legacy)
+                    if not isinstance(key, ec.EllipticCurvePrivateKey):
+                        raise ConfigError(f"{legacy} is not an EC key")
+                    self._add(key, now_ms)
+                else:
+                    self._add(ec.generate_private_key(ec.SECP256R1()), now_ms)
+                self._save()
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Serialises changes to the ring between the processes sharing the data dir."""
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _load(self) -> list[SigningKey]:
+        keys = []
+        for entry in json.loads((self.dir / "keys.json").read_text()):
+            key = read_private_key(self.dir / f"{entry['kid']}.pem")
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ConfigError(f"signing key {entry['kid']} is not an EC key")
+            keys.append(
+                SigningKey(
+                    entry["kid"],
+                    key,
+                    entry["created_at_ms"],
+                    entry["retired_at_ms"],
+                    entry.get("retired_lifetime_s", 0),
+                )
+            )
+        return keys
 
     @property
     def current(self) -> SigningKey:
@@ -122,8 +141,13 @@ class SigningKeyring:
         write_private(self.dir / "keys.json", json.dumps(doc, indent=2).encode())
 
     def rotate(self, now_ms: int) -> SigningKey:
-        """A new current key; the old one retires (and stays published for a lifetime)."""
-        with self._lock:
+        """A new current key; the old one retires (and stays published for a lifetime).
+
+        Another process may have rotated since this ring was read: the ring on disk is
+        read again under the file lock, so no key is ever lost from the index.
+        """
+        with self._lock, self._file_lock():
+            self.keys = self._load()
             self.current.retired_at_ms = now_ms
             self.current.retired_lifetime_s = self.lifetime_s
             new = self._add(ec.generate_private_key(ec.SECP256R1()), now_ms)

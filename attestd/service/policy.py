@@ -20,6 +20,7 @@ from attestd.core.policy import Policy, diff_policies, load_policy_text, valid_n
 from attestd.core.quote import appraise_values, describe_selection
 from attestd.core.tpm import Bank
 from attestd.core.verdict import Failure
+from attestd.service.access import current_principal
 from attestd.service.attestation import failure_pb
 from attestd.service.effective import effective_policy, group_choices
 from attestd.service.errors import ServiceError
@@ -80,8 +81,14 @@ def _note(note: str) -> str:
 
 
 def _author(author: str, context: grpc.aio.ServicerContext) -> str:
-    # Until callers authenticate, the author is as declared (else the peer address).
-    return (author.strip() or str(context.peer()))[:256]
+    """Who made a change: the authenticated caller; a declared author is kept beside it."""
+    principal = current_principal.get()
+    declared = author.strip()
+    if principal is None:  # not reachable through the role matrix; kept for safety
+        return (declared or str(context.peer()))[:256]
+    if declared and declared != principal.name:
+        return f"{declared} ({principal.name})"[:256]
+    return principal.name[:256]
 
 
 class PolicyService(policy_pb2_grpc.PolicyServicer):

@@ -180,6 +180,17 @@ class VerdictsService(verdicts_pb2_grpc.VerdictsServicer):
         if len(devices) > MAX_WATCH_DEVICES:
             raise ServiceError(f"device_ids: at most {MAX_WATCH_DEVICES}", "MALFORMED")
         store = self.s.store.store
+        if cursor > 0:
+            oldest = await self.s.store(store.oldest_event_cursor)
+            if oldest and cursor + 1 < oldest:
+                # Events after the cursor were pruned: resuming would silently skip them
+                # (a REVOKED among them). The watcher must start over from its own state.
+                raise ServiceError(
+                    f"after_cursor {cursor}: events up to {oldest - 1} are no longer kept"
+                    " (event_retention); read the current verdicts again and watch from 0",
+                    "CURSOR_EXPIRED",
+                    grpc.StatusCode.OUT_OF_RANGE,
+                )
         while True:
             events = await self.s.store(store.events_after, cursor, devices, WATCH_BATCH)
             for e in events:

@@ -223,6 +223,7 @@ class DeviceInfo(_message.Message):
     REVOKED_FIELD_NUMBER: _builtins.int
     REVOCATION_REASON_FIELD_NUMBER: _builtins.int
     REVOKED_AT_MS_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     ek_fingerprint: _builtins.str
     """Hex SHA-256 of the EK's SubjectPublicKeyInfo."""
@@ -250,6 +251,8 @@ class DeviceInfo(_message.Message):
     revoked: _builtins.bool
     revocation_reason: _builtins.str
     revoked_at_ms: _builtins.int
+    name: _builtins.str
+    """The name the pre-registration manifest gave it (admission "preregistered"), or ""."""
     @_builtins.property
     def latest_verdict(self) -> _common_pb2.Verdict:
         """The latest appraisal, if the device has attested."""
@@ -277,10 +280,11 @@ class DeviceInfo(_message.Message):
         revoked: _builtins.bool = ...,
         revocation_reason: _builtins.str = ...,
         revoked_at_ms: _builtins.int = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latest_verdict", b"latest_verdict"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "boot_state_json", b"boot_state_json", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "effective_policy_name", b"effective_policy_name", "effective_policy_version", b"effective_policy_version", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "group", b"group", "group_source", b"group_source", "latest_verdict", b"latest_verdict", "revocation_reason", b"revocation_reason", "revoked", b"revoked", "revoked_at_ms", b"revoked_at_ms", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activated_at_ms", b"activated_at_ms", "ak_name", b"ak_name", "boot_state_json", b"boot_state_json", "credential_expires_at_ms", b"credential_expires_at_ms", "device_id", b"device_id", "effective_policy_name", b"effective_policy_name", "effective_policy_version", b"effective_policy_version", "ek_cert_issuer", b"ek_cert_issuer", "ek_cert_serial", b"ek_cert_serial", "ek_fingerprint", b"ek_fingerprint", "enrolled_at_ms", b"enrolled_at_ms", "group", b"group", "group_source", b"group_source", "latest_verdict", b"latest_verdict", "name", b"name", "revocation_reason", b"revocation_reason", "revoked", b"revoked", "revoked_at_ms", b"revoked_at_ms", "tpm_manufacturer", b"tpm_manufacturer", "tpm_model", b"tpm_model", "tpm_version", b"tpm_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,8 +27,17 @@ optionally ``"seq": INT``); the gateway answers only malformed lines
 (``{"error": WHY}``) and, when it drops the connection, ``{"closed": WHY}``.
 Accepted readings are appended to ``--readings`` as JSON lines with the device id.
 
+    ATTESTD_TOKEN_FILE=gateway.token \\
     python examples/smart_energy/gateway.py --attestd 127.0.0.1:50051 \\
-        --listen 127.0.0.1:8443 --readings readings.jsonl
+        --ca-cert attestd-tls/ca-cert.pem --listen 127.0.0.1:8443 --readings readings.jsonl
+
+attestd is reached over TLS (``--ca-cert``/``ATTESTD_CA_CERT``: the CA that signed
+attestd's certificate) with a credential of the gateway role: an API token
+(``ATTESTD_TOKEN``, or a file: ``--token-file``/``ATTESTD_TOKEN_FILE``; made with
+``attestd admin token create --role gateway``) or a gateway client certificate on
+attestd's mTLS port (``--client-cert``/``--client-key``). The gateway checks the
+credential once at start and stops if attestd refuses it. There is no plaintext
+mode: the token would cross the network readable by anyone on the path.
 
 The gateway's own certificate: ``--cert``/``--key``, or a self-signed Ed25519 one
 made in ``--tls-dir`` on first start (sensors trust ``--tls-dir/gateway-cert.pem``).
@@ -64,6 +73,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from attestd.connect import (
+    ENV_CA_CERT,
+    ENV_CLIENT_CERT,
+    ENV_CLIENT_KEY,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
+    ConnectError,
+    connection_from_args,
+    open_aio_channel,
+)
 from attestd.service.keys import device_id_of
 from attestd.v1 import common_pb2, verdicts_pb2, verdicts_pb2_grpc
 
@@ -317,6 +336,16 @@ class VerdictCache:
 # -- the gateway ------------------------------------------------------------------
 
 
+def refused_credential(e: grpc.aio.AioRpcError) -> None:
+    """Stop if attestd refused the gateway's credential: retrying will not help."""
+    if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        raise SystemExit(
+            f"gateway: attestd refused the gateway's credential: {e.code().name}:"
+            f" {e.details()}; give a token of the gateway role (${ENV_TOKEN},"
+            f" --token-file or ${ENV_TOKEN_FILE}) or a gateway client certificate"
+        ) from None
+
+
 @dataclass(eq=False)
 class Connection:
     device_id: str
@@ -342,9 +371,10 @@ class Gateway:
     def __init__(self, args: argparse.Namespace, readings: TextIO) -> None:
         self.args = args
         self.readings = readings
-        # After an outage, reconnect within seconds (gRPC's own backoff grows to 2 min).
-        self.channel = grpc.aio.insecure_channel(
-            args.attestd, options=[("grpc.max_reconnect_backoff_ms", 2000)]
+        # TLS and the gateway's credential; after an outage, reconnect within seconds
+        # (gRPC's own backoff grows to 2 min).
+        self.channel = open_aio_channel(
+            args.connection, options=[("grpc.max_reconnect_backoff_ms", 2000)]
         )
         self.cache = VerdictCache(self.channel, self.drop_device, args.after_cursor)
         self.connections: dict[str, set[Connection]] = {}
@@ -510,15 +540,39 @@ class Gateway:
                 )
                 return bundle.ca_certificates_pem
             except grpc.aio.AioRpcError as e:
+                refused_credential(e)
                 if time.monotonic() >= deadline:
+                    hint = ""
+                    if any(w in (e.details() or "").lower() for w in ("ssl", "handshake")):
+                        hint = (
+                            f" (TLS failed: give the CA that signed attestd's certificate,"
+                            f" --ca-cert or ${ENV_CA_CERT})"
+                        )
                     raise SystemExit(
                         f"gateway: attestd at {self.args.attestd} did not answer "
-                        f"GetTrustBundle: {e.code().name}: {e.details()}"
+                        f"GetTrustBundle: {e.code().name}: {e.details()}{hint}"
                     ) from None
                 await asyncio.sleep(0.5)
 
+    async def check_credential(self) -> None:
+        """Stop at once if attestd refuses the gateway's credential (or its role)."""
+        stub = verdicts_pb2_grpc.VerdictsStub(self.channel)
+        probe = "dev-" + "0" * 32  # well formed, enrolled nowhere
+        try:
+            await stub.GetVerdict(
+                verdicts_pb2.GetVerdictRequest(device_id=probe), timeout=RPC_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as e:
+            refused_credential(e)
+            if e.code() != grpc.StatusCode.NOT_FOUND:
+                raise SystemExit(
+                    f"gateway: attestd at {self.args.attestd}: GetVerdict:"
+                    f" {e.code().name}: {e.details()}"
+                ) from None
+
     async def run(self) -> int:
         ca_pem = await self.trust_bundle()
+        await self.check_credential()
         cert_path, key_path = server_identity(self.args)
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         tls.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -665,6 +719,26 @@ def _tls_reason(e: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attestd", required=True, help="attestd's gRPC address, HOST:PORT")
+    env = os.environ.get
+    a = p.add_argument_group("reaching attestd (TLS, and a credential of the gateway role)")
+    a.add_argument(
+        "--ca-cert",
+        default=env(ENV_CA_CERT),
+        help=f"CA (PEM) that signed attestd's TLS certificate (${ENV_CA_CERT};"
+        " default: the system's roots)",
+    )
+    a.add_argument(
+        "--token-file",
+        default=env(ENV_TOKEN_FILE),
+        help=f"file holding a gateway API token (${ENV_TOKEN_FILE}; or the token in ${ENV_TOKEN})",
+    )
+    a.add_argument(
+        "--client-cert",
+        default=env(ENV_CLIENT_CERT),
+        help=f"instead of a token: a gateway client certificate, for attestd's mTLS port"
+        f" (${ENV_CLIENT_CERT})",
+    )
+    a.add_argument("--client-key", default=env(ENV_CLIENT_KEY), help=f"its key (${ENV_CLIENT_KEY})")
     p.add_argument("--listen", required=True, help="HOST:PORT for sensors (port 0: any free)")
     p.add_argument("--readings", required=True, help="append accepted readings here (- stdout)")
     p.add_argument("--cert", help="the gateway's certificate (PEM); with --key")
@@ -692,6 +766,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    args.server, args.insecure = args.attestd, False
+    try:
+        args.connection = connection_from_args(args)
+    except ConnectError as e:
+        p.error(str(e))
+    if not args.connection.token and not args.connection.client_cert:
+        p.error(
+            f"attestd needs a credential of the gateway role: a token (${ENV_TOKEN},"
+            f" --token-file or ${ENV_TOKEN_FILE}) or --client-cert/--client-key"
+        )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s gateway %(levelname)s %(message)s",

@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from testclients import CLIENTS, cli_env
 from tpmsim import Manufacturer, SimTpm
 
 from attestd.agent.client import Agent, AgentConfig, capture_policy
@@ -54,8 +55,6 @@ REPO = Path(__file__).resolve().parents[2]
 BOOT_SELECTION = [("sha256", list(range(10)))]
 
 
-# address -> (CA certificate, {role: token}) of the running test servers, for run_cli.
-CLIENTS: dict[str, tuple[Path | None, dict[str, str]]] = {}
 ROLES = ("admin", "policy-author", "gateway")
 
 
@@ -277,36 +276,6 @@ def rpc_code(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     """(status, attestd-code) of a failed call."""
     assert isinstance(exc, grpc.Call)
     return exc.code(), dict(exc.trailing_metadata() or ()).get("attestd-code", "")
-
-
-# Which role a CLI command needs (the first words of its arguments).
-CLI_ROLES = {
-    "policy": "policy-author",
-    "group": "policy-author",
-    "verdict": "gateway",
-    "credential": "gateway",
-    "trust-bundle": "gateway",
-}
-
-
-def cli_env(args: tuple[str, ...], role: str | None = "auto") -> dict[str, str]:
-    """Environment for the CLI talking to the test server named by ``--server``."""
-    env = {"TSS2_LOG": "all+none"}
-    if "--server" not in args:
-        return env
-    address = args[args.index("--server") + 1]
-    if address not in CLIENTS:
-        return env
-    ca, tokens = CLIENTS[address]
-    if ca is not None:
-        env["ATTESTD_CA_CERT"] = str(ca)
-    else:
-        env["ATTESTD_INSECURE"] = "1"
-    if role == "auto":
-        role = None if not args or args[0] == "agent" else CLI_ROLES.get(args[0], "admin")
-    if role is not None:
-        env["ATTESTD_TOKEN"] = tokens[role]
-    return env
 
 
 def run_cli(

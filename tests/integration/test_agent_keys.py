@@ -616,7 +616,7 @@ def test_cli_run_stops_on_sigterm(device: Device) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "TSS2_LOG": "all+none"},
+        env={**os.environ, "TSS2_LOG": "all+none", "ATTESTD_CA_CERT": str(device.server.ca_cert)},
     )
     try:
         assert proc.stdout is not None

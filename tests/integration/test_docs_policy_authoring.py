@@ -170,6 +170,9 @@ def test_doc_console_session_runs(device: Device, server: ServerThread, tmp_path
         "DEVICE": device.device_id,
         "TPM2TOOLS_TCTI": device.tpm.tcti,
         "TSS2_LOG": "all+none",
+        # As the guide says: set once, the CA and a policy author's token serve every step.
+        "ATTESTD_CA_CERT": str(server.ca_cert),
+        "ATTESTD_TOKEN": server.tokens["policy-author"],
     }
     for step in console_steps():
         proc = subprocess.run(

@@ -1,7 +1,8 @@
 """examples/smart_energy: the gateway admits attested sensors and drops revoked ones.
 
 The gateway and the sensor run as subprocesses, as a user would run them: the
-gateway against the test server, the sensor with the agent's client certificate
+gateway against the test server (TLS, trusting the server's CA, with an API token of
+the gateway role in a private file), the sensor with the agent's client certificate
 and its TPM-resident key (through the tpm2 OpenSSL provider, OPENSSL_CONF and
 TPM2OPENSSL_TCTI set as examples/smart_energy/README.md says).
 """
@@ -120,13 +121,44 @@ def base_env() -> dict[str, str]:
     return env
 
 
+def token_file(path: Path, token: str) -> Path:
+    """A token in a file only its owner can read, as `attestd admin token create --out`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return path
+
+
+def gateway_argv(server: ServerThread, tmp_path: Path, *connection: str) -> list[str]:
+    return [
+        sys.executable,
+        str(EXAMPLE / "gateway.py"),
+        "--attestd",
+        server.address,
+        *connection,
+        "--listen",
+        "127.0.0.1:0",
+        "--readings",
+        str(tmp_path / "readings.jsonl"),
+        "--tls-dir",
+        str(tmp_path / "gateway-tls"),
+        "--connect-timeout",
+        "5",
+    ]
+
+
 def start_gateway(server: ServerThread, tmp_path: Path) -> tuple[Proc, int]:
+    assert server.ca_cert is not None
     gateway = Proc(
         [
             sys.executable,
             str(EXAMPLE / "gateway.py"),
             "--attestd",
             server.address,
+            "--ca-cert",
+            str(server.ca_cert),
+            "--token-file",
+            str(token_file(tmp_path / "gateway.token", server.tokens["gateway"])),
             "--listen",
             "127.0.0.1:0",
             "--readings",
@@ -359,7 +391,9 @@ def test_gateway_watch_resumes_from_its_cursor_after_attestd_restarts(
 ) -> None:
     """attestd goes away and comes back: the gateway keeps its sensors meanwhile, then
     reconnects from the last event it saw and still drops a device revoked just then."""
-    first = ServerThread(dataclasses.replace(server.config, data_dir=tmp_path / "attestd"))
+    first = ServerThread(
+        dataclasses.replace(server.config, data_dir=tmp_path / "attestd"), server.tls
+    )
     running = [first]
     gateway: Proc | None = None
     sensor: Proc | None = None
@@ -383,8 +417,10 @@ def test_gateway_watch_resumes_from_its_cursor_after_attestd_restarts(
         assert sensor.p.poll() is None, sensor.describe()
 
         # attestd is back (same store, same address); the device is revoked at once.
+        # (The gateway keeps the token it was given: it is in the same store.)
         second = ServerThread(
-            dataclasses.replace(first.config, listen=first.address, data_dir=tmp_path / "attestd")
+            dataclasses.replace(first.config, listen=first.address, data_dir=tmp_path / "attestd"),
+            server.tls,
         )
         running.append(second)
         second.devices.RevokeDevice(
@@ -429,3 +465,32 @@ def cursor_of(log_file: Path) -> int:
     text = log_file.read_text()
     cursors = [int(c) for c in re.findall(r"event (\d+): ", text)]
     return max(cursors, default=0)
+
+
+def test_gateway_needs_tls_and_a_gateway_credential(server: ServerThread, tmp_path: Path) -> None:
+    """It stops at start, saying why, rather than run without verdicts."""
+    assert server.ca_cert is not None
+    ca = ["--ca-cert", str(server.ca_cert)]
+    author = token_file(tmp_path / "author.token", server.tokens["policy-author"])
+    env = {k: v for k, v in base_env().items() if not k.startswith("ATTESTD_")}
+    cases = [
+        # No credential at all: refused before it starts.
+        ([*ca], {}, "needs a credential of the gateway role"),
+        # A token of another role: attestd refuses it.
+        ([*ca, "--token-file", str(author)], {}, "refused the gateway's credential"),
+        # A token attestd never issued (in the environment this time).
+        (ca, {"ATTESTD_TOKEN": "atd_" + "0" * 16 + "_nope"}, "refused the gateway's credential"),
+        # The right token, but without the CA attestd's certificate is not trusted.
+        ([], {"ATTESTD_TOKEN": server.tokens["gateway"]}, "did not answer GetTrustBundle"),
+    ]
+    for connection, extra, message in cases:
+        out = subprocess.run(
+            gateway_argv(server, tmp_path, *connection),
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            cwd=REPO,
+            timeout=60,
+        )
+        assert out.returncode != 0 and message in out.stderr, (connection, out.stderr)
+        assert "listening on" not in out.stdout

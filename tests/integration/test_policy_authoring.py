@@ -27,6 +27,7 @@ import grpc
 import pytest
 import yaml
 from google.protobuf.json_format import MessageToDict
+from testclients import cli_env, cli_environment
 
 from attestd.agent.tpm import DEFAULT_AK_HANDLE, DeviceTpm, Quote
 from attestd.cli import main as attestd_main
@@ -68,7 +69,8 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed command (beside this interpreter) as a user would."""
     exe = Path(sys.executable).parent / tool
-    env = {**os.environ, "TSS2_LOG": "all+none"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTESTD_")}
+    env.update(cli_env(args, "auto" if tool == "attestd" else None))
     proc = subprocess.run(
         [str(exe), *args], capture_output=True, text=True, env=env, timeout=120, check=False
     )
@@ -86,6 +88,11 @@ def write_yaml(path: Path, document: dict[str, Any]) -> Path:
 
 def doc(name: str = "lab", pcrs: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     return {"name": name, "pcrs": pcrs if pcrs is not None else {"sha256": {0: A}}, **extra}
+
+
+def by(declared: str) -> str:
+    """How a policy's author reads: as declared, and the authenticated caller."""
+    return f"{declared} (test-policy-author)"
 
 
 def put(
@@ -114,7 +121,11 @@ def cli(server: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:
     """
     argv = [*args, "--server", server.address]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (
+        cli_environment(argv),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
         try:
             code = attestd_main(argv)
         except SystemExit as e:  # argparse refusing the arguments
@@ -236,7 +247,8 @@ def test_publish_numbers_versions_records_author_and_note_and_reads_them_back(
 ) -> None:
     v1_doc = doc(pcrs={"sha256": {0: A}})
     v1 = put(server, v1_doc, note="first cut", author="alice")
-    assert (v1.name, v1.version, v1.author, v1.change_note) == ("lab", 1, "alice", "first cut")
+    # The author is the authenticated caller, with the name it declared.
+    assert (v1.name, v1.version, v1.author, v1.change_note) == ("lab", 1, by("alice"), "first cut")
     assert v1.created_at_ms > 0
     assert v1.digest == load_policy_text(json.dumps(v1_doc)).digest()
 
@@ -269,11 +281,11 @@ def test_publish_numbers_versions_records_author_and_note_and_reads_them_back(
     status, code, msg = refused(lambda: put(server, doc(pcrs={"sha256": {0: E}}), "x" * 1025))
     assert (status, code) == (INVALID, "MALFORMED") and msg.startswith("change_note")
     assert versions(server, "lab") == [1, 2, 3]
-    # Without a declared author, the caller's address stands in.
+    # Without a declared author, the authenticated caller's name stands alone.
     anonymous = put(server, doc("anon"), note="who?", author="")
     assert (
         anonymous.author
-        and anonymous.author
+        == "test-policy-author"
         == server.policy.GetPolicy(policy_pb2.GetPolicyRequest(name="anon@1")).info.author
     )
     # An empty document is refused, naming the document.
@@ -291,7 +303,7 @@ def test_publish_numbers_versions_records_author_and_note_and_reads_them_back(
     first = server.policy.GetPolicy(policy_pb2.GetPolicyRequest(name="lab@1"))
     assert (first.info.version, first.info.author, first.info.change_note) == (
         1,
-        "alice",
+        by("alice"),
         "first cut",
     )
     assert json.loads(first.document)["pcrs"] == {"sha256": {"0": [A]}}
@@ -325,14 +337,14 @@ def test_publish_numbers_versions_records_author_and_note_and_reads_them_back(
     # History: every version, oldest first, with who and why.
     history = server.policy.PolicyHistory(policy_pb2.PolicyHistoryRequest(name="lab"))
     assert [(p.version, p.author, p.change_note) for p in history.policies] == [
-        (1, "alice", "first cut"),
-        (2, "bob", "second cut"),
+        (1, by("alice"), "first cut"),
+        (2, by("bob"), "second cut"),
         (3, v3["author"], "third cut"),
     ]
     assert json.loads(ok(server, "policy", "history", "lab", "--json")) == as_dict(history)
     lines = ok(server, "policy", "history", "lab").splitlines()
     assert [line.split("\t")[0] for line in lines] == ["lab@1", "lab@2", "lab@3"]
-    assert lines[1].endswith("\tbob\tsecond cut")
+    assert lines[1].endswith(f"\t{by('bob')}\tsecond cut")
     assert refused(
         lambda: server.policy.PolicyHistory(policy_pb2.PolicyHistoryRequest(name="nope"))
     )[:2] == (NOT_FOUND, "POLICY_UNKNOWN")
@@ -447,7 +459,7 @@ def test_rollback_publishes_an_old_version_as_the_newest(server: ServerThread) -
             name="lab@1", change_note="v2 bricks the lab", author="carol"
         )
     )
-    assert (rb.name, rb.version, rb.author) == ("lab", 3, "carol")
+    assert (rb.name, rb.version, rb.author) == ("lab", 3, by("carol"))
     assert rb.digest == v1.digest != v2.digest
     assert "rollback" in rb.change_note
     assert "lab@1" in rb.change_note and "v2 bricks the lab" in rb.change_note
@@ -458,7 +470,11 @@ def test_rollback_publishes_an_old_version_as_the_newest(server: ServerThread) -
     out = ok(server, "policy", "rollback", "lab@2", "-m", "retry v2", "--author", "dan")
     assert "lab@4" in out
     latest = server.policy.GetPolicy(policy_pb2.GetPolicyRequest(name="lab"))
-    assert (latest.info.version, latest.info.digest, latest.info.author) == (4, v2.digest, "dan")
+    assert (latest.info.version, latest.info.digest, latest.info.author) == (
+        4,
+        v2.digest,
+        by("dan"),
+    )
     assert "rollback" in latest.info.change_note and "lab@2" in latest.info.change_note
     assert versions(server, "lab") == [1, 2, 3, 4]
 
@@ -841,7 +857,7 @@ def test_capture_from_the_last_attestation(
     info = server.policy.GetPolicy(policy_pb2.GetPolicyRequest(name="golden")).info
     assert (info.digest, info.author, info.change_note) == (
         golden.digest(),
-        "dave",
+        by("dave"),
         "golden from the lab box",
     )
     # Published and applied, it makes the device affirm.

@@ -4,6 +4,10 @@ Several worker processes share one port (SO_REUSEPORT) and one SQLite store; the
 parent only supervises. Each worker's log lines carry its index and pid, and at
 ``--log-level debug`` every call is logged, which is how these tests see that
 both workers answered.
+
+The server runs as deployed: TLS (a trial CA) on the shared port, the mTLS port on
+an explicit free port (several workers share it too), and callers with roles carry
+API tokens put in the store before the server starts.
 """
 
 from __future__ import annotations
@@ -23,15 +27,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import BOOT_SELECTION, Device, ServerThread
+from conftest import BOOT_SELECTION, Device, ServerThread, rpc_code
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tpmsim import Manufacturer, SimTpm
 
 from attestd.agent.client import Agent, AgentConfig, capture_policy
+from attestd.connect import Connection, open_channel
+from attestd.service.access import Role
+from attestd.service.admin import ROLE_TO_PB, create_token
 from attestd.service.server import KEYRING_REFRESH_S
 from attestd.store.base import AttestationRecord, CredentialRecord, NonceGrant
 from attestd.store.sqlite import NONCE_GRACE_MS, SqliteStore
+from attestd.tlsinit import init_tls
 from attestd.v1 import (
+    admin_pb2,
     common_pb2,
     enrollment_pb2,
     enrollment_pb2_grpc,
@@ -89,6 +98,37 @@ def wait_gone(pids: set[int], timeout_s: float = 20.0) -> set[int]:
     return {p for p in pids if alive(p)}
 
 
+def tls_args(tmp_path: Path, mtls_port: int = 0) -> list[str]:
+    """A trial CA's server certificate, and the mTLS port (0: any free one)."""
+    tls = init_tls(tmp_path / "tls", ["127.0.0.1"])
+    return [
+        "--tls-cert",
+        str(tls.server_cert),
+        "--tls-key",
+        str(tls.server_key),
+        "--mtls-listen",
+        f"127.0.0.1:{mtls_port}",
+    ]
+
+
+def put_tokens(data_dir: Path) -> dict[str, str]:
+    """One API token per role, stored as `attestd admin token create` would, before start."""
+    data_dir.mkdir(mode=0o700, parents=True)
+    store = SqliteStore(data_dir / "attestd.sqlite")
+    try:
+        return {
+            role: create_token(
+                store,
+                admin_pb2.CreateTokenRequest(role=ROLE_TO_PB[Role(role)], name=f"scaling-{role}"),
+                int(time.time() * 1000),
+                "tests",
+            ).token
+            for role in ("admin", "policy-author", "gateway")
+        }
+    finally:
+        store.close()
+
+
 class Workers:
     """`attestd serve --workers N` as a subprocess, its log in a file."""
 
@@ -97,6 +137,8 @@ class Workers:
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = tmp_path / "serve.log"
         self.log = self.log_path.open("w")
+        self.tokens = put_tokens(tmp_path / "data")
+        self.ca_cert = tmp_path / "tls" / "ca-cert.pem"
         self.proc = subprocess.Popen(
             [
                 str(EXE),
@@ -105,6 +147,7 @@ class Workers:
                 str(workers),
                 "--listen",
                 self.address,
+                *tls_args(tmp_path, free_port()),
                 "--data-dir",
                 str(tmp_path / "data"),
                 "--ek-root",
@@ -129,6 +172,19 @@ class Workers:
 
     def log_text(self) -> str:
         return self.log_path.read_text()  # (written by the server only)
+
+    def channel(self, role: str | None = None) -> grpc.Channel:
+        """A channel with its own connection (the kernel picks a worker per connection),
+        with ``role``'s token (None: no credential, as a device)."""
+        conn = Connection(
+            self.address, ca_cert=self.ca_cert, token=self.tokens[role] if role else ""
+        )
+        return open_channel(conn, [("grpc.use_local_subchannel_pool", 1)])
+
+    def agent(self, tcti: str, state_dir: Path) -> Agent:
+        return Agent(
+            AgentConfig(server=self.address, tcti=tcti, state_dir=state_dir, ca_cert=self.ca_cert)
+        )
 
     def served(self, method: str) -> set[int]:
         """Pids of the workers that logged a call of ``method``."""
@@ -159,11 +215,6 @@ def workers(tmp_path: Path, manufacturer: Manufacturer) -> Iterator[Workers]:
         os.kill(pid, signal.SIGKILL)
 
 
-def fresh_channel(address: str) -> grpc.Channel:
-    """A channel with its own connection (the kernel picks a worker per connection)."""
-    return grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-
-
 def until_both(workers: Workers, method: str, call: Callable[[], None], tries: int) -> None:
     for _ in range(tries):
         call()
@@ -176,7 +227,7 @@ def test_two_workers_share_the_port_store_and_keys(
     workers: Workers, tpm_factory: Callable[..., SimTpm], tmp_path: Path
 ) -> None:
     def health() -> None:
-        with fresh_channel(workers.address) as ch:
+        with workers.channel() as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -187,17 +238,19 @@ def test_two_workers_share_the_port_store_and_keys(
     tpm = tpm_factory()
     tpm.boot()
     state = tmp_path / "agent"
-    agent = Agent(AgentConfig(server=workers.address, tcti=tpm.tcti, state_dir=state))
+    agent = workers.agent(tpm.tcti, state)
     agent.enroll()
     policy = capture_policy(tpm.tcti, "default", BOOT_SELECTION)
-    policy_pb2_grpc.PolicyStub(agent.channel).PutPolicy(
-        policy_pb2.PutPolicyRequest(document=json.dumps(policy), change_note="golden")
-    )
+    with workers.channel("policy-author") as ch:
+        policy_pb2_grpc.PolicyStub(ch).PutPolicy(
+            policy_pb2.PutPolicyRequest(document=json.dumps(policy), change_note="golden"),
+            timeout=10,
+        )
     agent.close()
     tokens = []
 
     def attest() -> None:
-        a = Agent(AgentConfig(server=workers.address, tcti=tpm.tcti, state_dir=state))
+        a = workers.agent(tpm.tcti, state)
         try:
             response = a.attest()
         finally:
@@ -210,12 +263,12 @@ def test_two_workers_share_the_port_store_and_keys(
     # Every credential verifies at every worker (one signing key, one credentials table).
     for token in tokens:
         for _ in range(3):
-            with fresh_channel(workers.address) as ch:
+            with workers.channel("gateway") as ch:
                 answer = verdicts_pb2_grpc.VerdictsStub(ch).VerifyCredential(
                     verdicts_pb2.VerifyCredentialRequest(token=token), timeout=5
                 )
                 assert answer.state == verdicts_pb2.CREDENTIAL_STATE_VALID, answer.reason
-    with fresh_channel(workers.address) as ch:
+    with workers.channel("admin") as ch:
         info = enrollment_pb2_grpc.DevicesStub(ch).GetDevice(
             enrollment_pb2.GetDeviceRequest(device_id=agent.device_id()), timeout=5
         )
@@ -231,7 +284,7 @@ def test_two_workers_share_the_port_store_and_keys(
 
 
 def test_a_key_rotation_reaches_every_worker(workers: Workers) -> None:
-    with fresh_channel(workers.address) as ch:
+    with workers.channel("admin") as ch:
         rotated = keys_pb2_grpc.KeysStub(ch).RotateSigningKey(
             keys_pb2.RotateSigningKeyRequest(), timeout=10
         )
@@ -240,7 +293,7 @@ def test_a_key_rotation_reaches_every_worker(workers: Workers) -> None:
     time.sleep(KEYRING_REFRESH_S * 2.5)  # the other worker reloads keys.json
 
     def listed() -> None:
-        with fresh_channel(workers.address) as ch:
+        with workers.channel("admin") as ch:
             keys = keys_pb2_grpc.KeysStub(ch).ListSigningKeys(
                 keys_pb2.ListSigningKeysRequest(), timeout=5
             )
@@ -257,21 +310,26 @@ def test_a_dead_worker_stops_the_server(workers: Workers) -> None:
     assert wait_gone({survivor}) == set()
     log = workers.log_text()
     assert f"pid {victim}) stopped unexpectedly (killed by SIGKILL); all workers stopped" in log
-    with fresh_channel(workers.address) as ch, pytest.raises(grpc.RpcError):
+    with workers.channel() as ch, pytest.raises(grpc.RpcError):
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
 
 
 def test_several_workers_need_an_explicit_port(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [str(EXE), "serve", "--workers", "2", "--listen", "127.0.0.1:0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path,
-    )
-    assert out.returncode == 2
-    assert "need an explicit port" in out.stderr
-    assert not (tmp_path / "attestd-data").exists()  # refused before touching anything
+    tls = tls_args(tmp_path)  # its mTLS port is 0 too
+    for listen, setting in (
+        ("127.0.0.1:0", "workers"),
+        (f"127.0.0.1:{free_port()}", "mtls_listen"),
+    ):
+        out = subprocess.run(
+            [str(EXE), "serve", "--workers", "2", "--listen", listen, *tls],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 2, out.stderr
+        assert f"{setting}: 2 worker" in out.stderr and "explicit port" in out.stderr
+        assert not (tmp_path / "attestd-data").exists()  # refused before touching anything
 
 
 def test_port_taken_by_another_program_is_refused(tmp_path: Path) -> None:
@@ -279,9 +337,10 @@ def test_port_taken_by_another_program_is_refused(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
+        tls = tls_args(tmp_path, free_port())
         for n in ("2", "1"):
             out = subprocess.run(
-                [str(EXE), "serve", "--workers", n, "--listen", address],
+                [str(EXE), "serve", "--workers", n, "--listen", address, *tls],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -343,12 +402,20 @@ def test_event_retention_and_a_watcher_behind_it(device: Device, server: ServerT
     store.prune(server.running.state.now_ms(), server.config.event_retention)
     assert store.oldest_event_cursor() == 3
     assert [e.cursor for e in store.events_after(0, [], 100)] == [3, 4, 5, 6]
-    # A watcher resuming from a pruned cursor resumes at the oldest kept event.
+    # A watcher resuming from a pruned cursor would skip events: it is told to start over.
     stream = server.verdicts.WatchVerdicts(verdicts_pb2.WatchVerdictsRequest(after_cursor=1))
-    try:
-        assert [next(stream).cursor for _ in range(4)] == [3, 4, 5, 6]
-    finally:
-        stream.cancel()
+    with pytest.raises(grpc.RpcError) as expired:
+        next(stream)
+    assert rpc_code(expired.value) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED")
+    # Right behind the oldest kept event, or from the start, it reads what is kept.
+    for after in (2, 0):
+        stream = server.verdicts.WatchVerdicts(
+            verdicts_pb2.WatchVerdictsRequest(after_cursor=after)
+        )
+        try:
+            assert [next(stream).cursor for _ in range(4)] == [3, 4, 5, 6]
+        finally:
+            stream.cancel()
     # New events continue the numbering (cursors are never reused).
     device.agent.attest()
     assert store.last_event_cursor() == 7

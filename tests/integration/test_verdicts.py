@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
+from testclients import cli_env
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMT_PUBLIC, TPMT_SIG_SCHEME
 from tpmsim import Manufacturer
@@ -317,12 +318,14 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     """The installed ``attestd ARGS --server ADDR``, as a user runs it (``stdin`` fed to it)."""
     exe = Path(sys.executable).parent / "attestd"
+    argv = (*args, "--server", server.address)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTESTD_")}
     return subprocess.run(
-        [str(exe), *args, "--server", server.address],
+        [str(exe), *argv],
         input=stdin,
         capture_output=True,
         text=True,
-        env={**os.environ, "TSS2_LOG": "all+none"},
+        env=env | cli_env(argv),
         timeout=60,
         check=False,
     )
