@@ -285,7 +285,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             if not last:
                 break
             cursor.after_seq = last
-        for cp in await self.s.store(store.audit_checkpoints, max(0, first_seq - 1)):
+        # The checkpoints over the exported records (with none exported: those after the
+        # requested point, so an emptied log still shows its signed past).
+        after = first_seq - 1 if first_seq else request.after_seq
+        for cp in await self.s.store(store.audit_checkpoints, after):
+            if not first_seq and cp.at_ms < request.since_ms:
+                continue
             yield admin_pb2.AuditItem(
                 checkpoint=admin_pb2.AuditCheckpoint(
                     seq=cp.seq, at_ms=cp.at_ms, hash=cp.hash, kid=cp.kid, signature=cp.signature

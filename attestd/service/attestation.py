@@ -14,6 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from attestd.core.certify import CertifyEvidence, check_certified_key, parse_certified_key
 from attestd.core.ear import b64url, issue_credential, jwk_of
 from attestd.core.eventlog import parse_event_log
+from attestd.core.groups import GroupChoice
+from attestd.core.policy import Policy
 from attestd.core.quote import Appraisal, ClockState, appraise_quote, parse_evidence
 from attestd.core.tpm import Bank
 from attestd.core.verdict import (
@@ -24,10 +26,19 @@ from attestd.core.verdict import (
     Verdict,
     with_failures,
 )
-from attestd.service.effective import effective_policy
+from attestd.service.config import ServerConfig
+from attestd.service.effective import effective_policy_in_store
 from attestd.service.errors import ServiceError
 from attestd.service.state import ServiceState, cached_public
-from attestd.store.base import AttestationRecord, CredentialRecord, NonceGrant
+from attestd.store.base import (
+    AttestationRecord,
+    CredentialRecord,
+    Device,
+    DeviceStatus,
+    NonceGrant,
+    PolicyRecord,
+    Store,
+)
 from attestd.v1 import attestation_pb2, attestation_pb2_grpc, common_pb2
 
 log = logging.getLogger("attestd.attestation")
@@ -77,10 +88,17 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         self, request: attestation_pb2.GetNonceRequest, context: grpc.aio.ServicerContext
     ) -> attestation_pb2.GetNonceResponse:
         _require_device_id(request.device_id)
-        store = self.s.store.store
-        device = await self.s.store(store.get_device, request.device_id)
-        choice, record = await effective_policy(self.s, device)
-        if record is None:
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        # Only a hash is stored: a database reader cannot lift unused nonces.
+        choice, record, grant = await self.s.store(
+            _grant_nonce,
+            self.s.store.store,
+            self.s.config,
+            request.device_id,
+            hashlib.sha256(nonce).digest(),
+            self.s.now_ms(),
+        )
+        if record is None or grant is None:
             where = (
                 f"its group {choice.group!r} names a policy that does not exist"
                 if choice.group
@@ -93,21 +111,6 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
         policy = self.s.policy_of(record)
-        nonce = secrets.token_bytes(NONCE_SIZE)
-        grant = NonceGrant(
-            device_id=request.device_id,
-            expires_at_ms=self.s.now_ms() + self.s.config.nonce_ttl_s * 1000,
-            policy_name=record.name,
-            policy_version=record.version,
-        )
-        # Only a hash is stored: a database reader cannot lift unused nonces.
-        await self.s.store(
-            store.put_nonce,
-            hashlib.sha256(nonce).digest(),
-            grant,
-            self.s.now_ms(),
-            self.s.config.max_outstanding_nonces,
-        )
         return attestation_pb2.GetNonceResponse(
             nonce=nonce,
             expires_at_ms=grant.expires_at_ms,
@@ -147,13 +150,14 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 ck.public, ck.certify_info, ck.certify_signature, limits
             )
         store = self.s.store.store
-        device = await self.s.store(store.get_device, request.device_id)
         now_ms = self.s.now_ms()
-        grant = await self.s.store(
-            store.consume_nonce, hashlib.sha256(request.nonce).digest(), request.device_id, now_ms
+        device, grant, policy, status = await self.s.store(
+            _attestation_context,
+            self.s,
+            request.device_id,
+            hashlib.sha256(request.nonce).digest(),
+            now_ms,
         )
-        record = await self.s.store(store.get_policy, grant.policy_name, grant.policy_version)
-        policy = self.s.policy_of(record)
         previous = ClockState(**device.clock) if device.clock else None
         appraisal = appraise_quote(
             evidence,
@@ -164,13 +168,12 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             now_ms=now_ms,
             event_log=event_log,
         )
-        verdict = replace(appraisal.verdict, policy_version=record.version)
+        verdict = replace(appraisal.verdict, policy_version=grant.policy_version)
         ak = cached_public(device.ak_public)
         if certified is not None and verdict.affirming:
             bad = check_certified_key(certified, ak, request.nonce)
             if bad is not None:
                 verdict = with_failures(verdict, (bad,), instance_identity=UNTRUSTWORTHY_INSTANCE)
-        status = await self.s.store(store.device_status, device.device_id)
         if status.revoked and verdict.affirming:
             verdict = with_failures(
                 verdict,
@@ -258,6 +261,39 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             key_fingerprint=fingerprint,
         )
         return Issued(cred.token, certificate, record)
+
+
+def _grant_nonce(
+    store: Store, config: ServerConfig, device_id: str, nonce_hash: bytes, now_ms: int
+) -> tuple[GroupChoice, PolicyRecord | None, NonceGrant | None]:
+    """On the store thread, in one hand-off: the device, its policy, the nonce stored."""
+    device = store.get_device(device_id)
+    choice, record = effective_policy_in_store(store, config, device)
+    if record is None:
+        return choice, None, None
+    grant = NonceGrant(
+        device_id=device_id,
+        expires_at_ms=now_ms + config.nonce_ttl_s * 1000,
+        policy_name=record.name,
+        policy_version=record.version,
+    )
+    store.put_nonce(nonce_hash, grant, now_ms, config.max_outstanding_nonces)
+    return choice, record, grant
+
+
+def _attestation_context(
+    state: ServiceState, device_id: str, nonce_hash: bytes, now_ms: int
+) -> tuple[Device, NonceGrant, Policy, DeviceStatus]:
+    """On the store thread, in one hand-off: the device, its nonce consumed (unknown
+    devices are refused before a nonce is spent), the policy the nonce pinned (parsed
+    once per version), the device's revocation status."""
+    store = state.store.store
+    device = store.get_device(device_id)
+    grant = store.consume_nonce(nonce_hash, device_id, now_ms)
+    policy = state.cached_policy(grant.policy_name, grant.policy_version)
+    if policy is None:
+        policy = state.policy_of(store.get_policy(grant.policy_name, grant.policy_version))
+    return device, grant, policy, store.device_status(device_id)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,6 @@ _PERMISSION_CODES = frozenset(
         "DEVICE_NOT_PREREGISTERED",
     }
 )
-_EXHAUSTED_CODES = frozenset({"TOO_MANY_NONCES"})
 
 
 def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
@@ -67,8 +66,6 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     if isinstance(exc, NotFound):
         return grpc.StatusCode.NOT_FOUND, exc.code, str(exc)
     if isinstance(exc, Rejected):
-        if exc.code in _EXHAUSTED_CODES:
-            return grpc.StatusCode.RESOURCE_EXHAUSTED, exc.code, str(exc)
         return grpc.StatusCode.FAILED_PRECONDITION, exc.code, str(exc)
     if isinstance(exc, Conflict):
         if exc.code in _PERMISSION_CODES:

@@ -190,7 +190,8 @@ class IssuingCA:
     ) -> None:
         if cert_path is not None or key_path is not None:
             if cert_path is None or key_path is None:
-                raise ConfigError("issuing_ca_cert and issuing_ca_key go together")
+                setting = "client_ca" if stem == "client-ca" else "issuing_ca"
+                raise ConfigError(f"{setting}_cert and {setting}_key go together")
             key = read_private_key(key_path)
             chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
         else:

@@ -19,6 +19,7 @@ to the audit log with the caller and the outcome.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import hmac
@@ -52,7 +53,9 @@ from attestd.store.base import AuditEvent
 log = logging.getLogger("attestd.security")
 
 TOKEN_PREFIX = "atd_"  # noqa: S105 (a prefix, not a secret)
-MAX_BEARER = 8192
+MAX_BEARER = 4096  # below gRPC's own 8 KiB header limit, so this check applies
+# How often a stream re-checks its caller's credential (seconds).
+RECHECK_S = 2.0
 # Audit records of refused credentials per peer per minute; more are counted, not written.
 AUTH_AUDIT_PER_MIN = 20
 
@@ -256,10 +259,43 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _stream(self, inner: StreamHandler, method: str, rule: Rule | None) -> StreamHandler:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await self._admit(method, rule, request, context)
-            async for item in inner(request, context):
-                yield item
+            if current_principal.get() is None:  # open streams: nothing to re-check
+                async for item in inner(request, context):
+                    yield item
+                return
+            # A long-lived stream (WatchVerdicts) ends soon after its caller's credential is
+            # revoked or expires: the credential is checked again every RECHECK_S.
+            items = inner(request, context).__aiter__()
+            loop = asyncio.get_running_loop()
+            due = loop.time() + RECHECK_S
+            pending: asyncio.Future[Any] | None = None
+            try:
+                while True:
+                    if pending is None:
+                        pending = asyncio.ensure_future(items.__anext__())
+                    done, _ = await asyncio.wait({pending}, timeout=max(0.0, due - loop.time()))
+                    if done:
+                        try:
+                            item = pending.result()
+                        except StopAsyncIteration:
+                            return
+                        pending = None
+                        yield item
+                    if loop.time() >= due:
+                        await self._recheck(method, context)
+                        due = loop.time() + RECHECK_S
+            finally:
+                if pending is not None:
+                    pending.cancel()
 
         return wrapped
+
+    async def _recheck(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        try:
+            await self.auth.authenticate(context.invocation_metadata(), context.auth_context())
+        except ServiceError as e:
+            await self._audit_refusal(method, context.peer() or "", e)
+            raise
 
     async def _admit(
         self, method: str, rule: Rule | None, request: Any, context: grpc.aio.ServicerContext
@@ -280,14 +316,22 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._rate_limit(rule.rate, peer, request)
 
     def _rate_limit(self, bucket: str, peer: str, request: Any) -> None:
+        """Per peer address, and per device *from that address*.
+
+        A device's allowance is keyed with the caller's address: anyone may ask for a
+        nonce naming any device (the TPM proves the device only later, in the quote),
+        so a per-device bucket shared by all callers would let a stranger use up the
+        real device's allowance and lock it out.
+        """
         now = time.monotonic()
-        wait = self.peer_limits[bucket].take(peer_host(peer), now)
+        host = peer_host(peer)
+        wait = self.peer_limits[bucket].take(host, now)
         if not wait:
             if bucket == "nonce":
-                key = request.device_id
+                device = request.device_id
             else:
-                key = hashlib.sha256(request.ek_certificate or request.ek_public).hexdigest()
-            wait = self.device_limits[bucket].take(key, now) if key else 0.0
+                device = hashlib.sha256(request.ek_certificate or request.ek_public).hexdigest()
+            wait = self.device_limits[bucket].take(f"{device}|{host}", now) if device else 0.0
         if wait:
             raise ServiceError(
                 f"too many calls; retry in {wait:.1f} s",

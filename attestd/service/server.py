@@ -217,6 +217,10 @@ async def create_server(
     intermediates = load_certificates(config.ek_intermediates, "ek_intermediates")
     if not roots:
         log.warning("no trusted EK roots configured: every enrollment will be refused")
+    # Keys first: a refused key file must not leave a store open behind it.
+    keyring = SigningKeyring(config.data_dir, config.credential_lifetime_s, now_ms)
+    ca = IssuingCA(config.data_dir, config.issuing_ca_cert, config.issuing_ca_key)
+    client_ca = client_ca_of(config)
     state = ServiceState(
         config=config,
         store=StoreRunner(
@@ -224,9 +228,9 @@ async def create_server(
         ),
         ek_roots=roots,
         ek_intermediates=intermediates,
-        keyring=SigningKeyring(config.data_dir, config.credential_lifetime_s, now_ms),
-        ca=IssuingCA(config.data_dir, config.issuing_ca_cert, config.issuing_ca_key),
-        client_ca=client_ca_of(config),
+        keyring=keyring,
+        ca=ca,
+        client_ca=client_ca,
     )
     server = grpc.aio.server(
         interceptors=[AccessLogInterceptor(), ErrorInterceptor(), SecurityInterceptor(state)],

@@ -38,7 +38,7 @@ class StoreRunner:
         self.store.close()
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=8192)  # ~2.3 KB each: bounded at ~20 MB per process
 def cached_public(raw: bytes) -> PublicArea:
     """AK public areas are parsed once (they only change at enrollment)."""
     return parse_public(raw, "ak_public")
@@ -73,6 +73,9 @@ class ServiceState:
         event = self._changed
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout_s)
+
+    def cached_policy(self, name: str, version: int) -> Policy | None:
+        return self._policies.get((name, version))
 
     def policy_of(self, record: PolicyRecord) -> Policy:
         key = (record.name, record.version)

@@ -427,17 +427,15 @@ class SqliteStore(SecurityTables):
         def go() -> None:
             if max_outstanding > 0:
                 with self._tx() as c:
-                    (held,) = c.execute(
-                        "SELECT COUNT(*) FROM nonces WHERE device_id = ? AND expires_at_ms > ?"
-                        " AND used_at_ms IS NULL",
-                        (grant.device_id, now_ms),
-                    ).fetchone()
-                    if held >= max_outstanding:
-                        raise Rejected(
-                            f"the device already holds {held} unused nonces (the limit is"
-                            f" {max_outstanding}); use one or wait until they expire",
-                            "TOO_MANY_NONCES",
-                        )
+                    # The device keeps its newest nonces: the oldest beyond the cap are
+                    # retired (used_at_ms 0), so storage per device stays bounded and a
+                    # stranger asking in its name cannot lock the device out.
+                    c.execute(
+                        "UPDATE nonces SET used_at_ms = 0 WHERE rowid IN (SELECT rowid FROM"
+                        " nonces WHERE device_id = ? AND expires_at_ms > ? AND used_at_ms IS"
+                        " NULL ORDER BY expires_at_ms DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                        (grant.device_id, now_ms, max_outstanding - 1),
+                    )
                     insert(c)
             else:
                 insert(self.db.conn)
@@ -474,6 +472,12 @@ class SqliteStore(SecurityTables):
                 raise Rejected("this nonce was not issued by this server", "NONCE_UNKNOWN")
             if prior[0] != device_id:
                 raise Rejected("this nonce was issued to another device", "NONCE_WRONG_DEVICE")
+            if prior[1] == 0:
+                raise Rejected(
+                    "this nonce was retired: newer nonces were issued for the device beyond"
+                    " its limit of outstanding nonces; ask for a new one",
+                    "NONCE_RETIRED",
+                )
             if prior[1] is not None:
                 raise Rejected("this nonce was already used", "NONCE_REUSED")
             raise Rejected("this nonce has expired; ask for a new one", "NONCE_EXPIRED")
@@ -840,6 +844,24 @@ class SqliteStore(SecurityTables):
                 " FROM groups ORDER BY name"
             ).fetchall()
             return [self._group(c, r) for r in rows]
+
+        return self._run(go)
+
+    def get_group_policy(self, name: str) -> tuple[str, int]:
+        def go() -> tuple[str, int]:
+            row = self.db.execute(
+                "SELECT policy_name, policy_version FROM groups WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"unknown group {name!r}", "GROUP_UNKNOWN")
+            return str(row[0]), int(row[1] or 0)
+
+        return self._run(go)
+
+    def group_rules(self) -> list[tuple[str, list[dict[str, str]]]]:
+        def go() -> list[tuple[str, list[dict[str, str]]]]:
+            rows = self.db.execute("SELECT name, rules FROM groups ORDER BY name").fetchall()
+            return [(r[0], json.loads(r[1] or "[]")) for r in rows]
 
         return self._run(go)
 

@@ -224,7 +224,7 @@ class SecurityTables:
             "SELECT id, ek_cert_serial, ek_cert_issuer, ek_public_sha256, name, group_name,"
             " added_at_ms FROM preregistrations"
             " WHERE ((ek_cert_serial = ? AND ek_cert_issuer = ?) OR ek_public_sha256 = ?)"
-            " ORDER BY id",
+            " ORDER BY id DESC",
             (serial, issuer, ek_hash),
         ).fetchall()
 
@@ -277,7 +277,8 @@ class SecurityTables:
     ) -> Preregistration | None:
         def go() -> Preregistration | None:
             for row in self._find_prereg(self.db, ek_cert_serial, ek_cert_issuer, ek_public_sha256):
-                # Every identifier the entry gives must match.
+                # Every identifier the entry gives must match; the newest entry wins
+                # (a later manifest listing the device again sets its name and group).
                 if row[1] and (row[1], row[2]) != (ek_cert_serial, ek_cert_issuer):
                     continue
                 if row[3] and row[3] != ek_public_sha256:
