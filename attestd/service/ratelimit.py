@@ -10,6 +10,7 @@ N workers a caller spread over all of them gets up to N times the rate.
 from __future__ import annotations
 
 from collections import OrderedDict
+from urllib.parse import unquote
 
 
 class RateLimiter:
@@ -42,6 +43,7 @@ class RateLimiter:
 def peer_host(peer: str) -> str:
     """The address part of a gRPC peer string ("ipv4:1.2.3.4:555" -> "1.2.3.4")."""
     kind, _, rest = peer.partition(":")
+    rest = unquote(rest)  # grpc writes IPv6 brackets percent-encoded ("%5B::1%5D:555")
     if kind == "ipv6" and rest.startswith("["):
         return rest[1 : rest.find("]")] if "]" in rest else rest
     if kind in ("ipv4", "ipv6"):

@@ -1,8 +1,9 @@
 """Abuse limits and safe defaults: rate limits, the nonce cap, message size, file modes, logs.
 
 GetNonce and Enroll need no credential, so they are rate-limited per peer
-address and per device (a token bucket: a burst, then a sustained rate); a
-device may hold only so many unused nonces; requests larger than
+address and per device from that address (a token bucket: a burst, then a
+sustained rate); a device keeps only its newest max_outstanding_nonces unused
+nonces, older ones are retired (NONCE_RETIRED), never refused; requests larger than
 max_message_bytes are refused by gRPC itself. The server will not start on a
 data directory or key file others can read, and never logs a secret.
 """
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
+import sqlite3
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,6 +109,8 @@ def test_get_nonce_is_limited_per_peer(
 def test_get_nonce_is_limited_per_device(
     server_factory: Callable[..., ServerThread], device_factory: Callable[..., Device]
 ) -> None:
+    # The device bucket is keyed by (device id, caller's address): these calls all come
+    # from one address, so it applies (other addresses: tests/unit/test_rate_limit_keys.py).
     server = server_factory(device_rate_per_s=0.01, device_burst=2)
     dev, dev2 = enrolled(device_factory, server, 2)
     get_nonce(server, dev.device_id)
@@ -140,28 +146,95 @@ def test_enroll_is_limited_per_peer(
 # -- unused nonces -------------------------------------------------------------------------------
 
 
-def test_outstanding_nonces_are_capped_per_device(
+def nonce_rows(server: ServerThread, device_id: str) -> dict[bytes, int | None]:
+    """The device's nonce rows in the store: SHA-256 of the nonce -> used_at_ms."""
+    with contextlib.closing(
+        sqlite3.connect(f"file:{server.config.store_path}?mode=ro", uri=True, timeout=10)
+    ) as db:
+        rows = db.execute(
+            "SELECT nonce_hash, used_at_ms FROM nonces WHERE device_id = ?", (device_id,)
+        ).fetchall()
+    return {bytes(h): used for h, used in rows}
+
+
+def outstanding(server: ServerThread, device_id: str) -> int:
+    """How many unused, unexpired nonces the device holds (by the server's clock)."""
+    with contextlib.closing(
+        sqlite3.connect(f"file:{server.config.store_path}?mode=ro", uri=True, timeout=10)
+    ) as db:
+        (n,) = db.execute(
+            "SELECT COUNT(*) FROM nonces WHERE device_id = ? AND used_at_ms IS NULL"
+            " AND expires_at_ms > ?",
+            (device_id, server.running.state.now_ms()),
+        ).fetchone()
+    return int(n)
+
+
+def used_at(
+    server: ServerThread, grant: attestation_pb2.GetNonceResponse, device_id: str
+) -> object:
+    return nonce_rows(server, device_id)[hashlib.sha256(grant.nonce).digest()]
+
+
+def test_outstanding_nonces_beyond_the_cap_retire_the_oldest(
     server_factory: Callable[..., ServerThread], device_factory: Callable[..., Device]
 ) -> None:
     server = server_factory(max_outstanding_nonces=2)
     (dev,) = enrolled(device_factory, server)
-    held = [get_nonce(server, dev.device_id), get_nonce(server, dev.device_id)]
-    status, code, details = rpc_error(lambda: get_nonce(server, dev.device_id))
-    assert (status, code) == (EXHAUSTED, "TOO_MANY_NONCES")
-    assert "2" in details
+    # No refusal: every GetNonce succeeds, and the oldest beyond the cap is retired.
+    grants = [get_nonce(server, dev.device_id) for _ in range(3)]
+    assert all(g.nonce for g in grants)
+    assert [used_at(server, g, dev.device_id) for g in grants] == [0, None, None]
+    assert outstanding(server, dev.device_id) == 2
 
-    # Using one frees its place.
-    assert attest_with(dev, held[0]).verdict.status == AFFIRMING
-    held = [held[1], get_nonce(server, dev.device_id)]
-    assert rpc_error(lambda: get_nonce(server, dev.device_id))[:2] == (EXHAUSTED, "TOO_MANY_NONCES")
+    status, code, details = rpc_error(lambda: attest_with(dev, grants[0]))
+    assert (status, code) == (grpc.StatusCode.FAILED_PRECONDITION, "NONCE_RETIRED")
+    assert "retired" in details and "new one" in details
+    assert used_at(server, grants[0], dev.device_id) == 0  # still retired, not "used"
 
-    # Expired nonces no longer count.
+    # The newest nonces still work; using one frees its place.
+    assert attest_with(dev, grants[2]).verdict.status == AFFIRMING
+    assert outstanding(server, dev.device_id) == 1
+    grants.append(get_nonce(server, dev.device_id))
+    assert used_at(server, grants[1], dev.device_id) is None  # not retired: room for it
+    assert attest_with(dev, grants[1]).verdict.status == AFFIRMING
+    assert attest_with(dev, grants[3]).verdict.status == AFFIRMING
+
+
+def test_a_stranger_asking_for_nonces_cannot_lock_the_device_out(
+    server_factory: Callable[..., ServerThread], device_factory: Callable[..., Device]
+) -> None:
+    server = server_factory(max_outstanding_nonces=2)
+    (dev,) = enrolled(device_factory, server)
+    # Anyone may ask in the device's name: the stored nonces stay bounded...
+    for _ in range(25):
+        assert get_nonce(server, dev.device_id).nonce
+        assert outstanding(server, dev.device_id) <= 2
+    assert outstanding(server, dev.device_id) == 2
+    rows = nonce_rows(server, dev.device_id)
+    assert len(rows) == 25
+    assert sorted(rows.values(), key=str) == [0] * 23 + [None] * 2
+    # ...and the device still gets a nonce of its own and attests.
+    assert dev.agent.attest().verdict.status == AFFIRMING
+    assert outstanding(server, dev.device_id) <= 2
+
+
+def test_expired_nonces_do_not_count_towards_the_cap(
+    server_factory: Callable[..., ServerThread], device_factory: Callable[..., Device]
+) -> None:
+    server = server_factory(max_outstanding_nonces=2)
+    (dev,) = enrolled(device_factory, server)
+    old = [get_nonce(server, dev.device_id), get_nonce(server, dev.device_id)]
     server.advance(server.config.nonce_ttl_s + 1)
+    assert outstanding(server, dev.device_id) == 0
     fresh = [get_nonce(server, dev.device_id), get_nonce(server, dev.device_id)]
-    assert rpc_error(lambda: get_nonce(server, dev.device_id))[:2] == (EXHAUSTED, "TOO_MANY_NONCES")
-    status, code, _ = rpc_error(lambda: attest_with(dev, held[0]))
+    # The expired ones took no place (neither new one was retired) and were not retired.
+    assert [used_at(server, g, dev.device_id) for g in old + fresh] == [None] * 4
+    assert outstanding(server, dev.device_id) == 2
+    status, code, _ = rpc_error(lambda: attest_with(dev, old[0]))
     assert (status, code) == (grpc.StatusCode.FAILED_PRECONDITION, "NONCE_EXPIRED")
     assert attest_with(dev, fresh[0]).verdict.status == AFFIRMING
+    assert attest_with(dev, fresh[1]).verdict.status == AFFIRMING
 
 
 # -- message size --------------------------------------------------------------------------------

@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import queue
 import sqlite3
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -323,6 +326,120 @@ def test_refusals_are_audited(server: ServerThread) -> None:
     for token in (*server.tokens.values(), made.token):
         for r in records:
             assert secret_of(token)[:-1] not in f"{r.actor} {r.subject} {r.detail_json}"
+
+
+# -- open streams re-check their credential --------------------------------------
+
+STREAM_DEADLINE_S = 10.0
+
+
+class OpenWatch:
+    """A WatchVerdicts stream with ``token``, read on a thread: its events and how it ended."""
+
+    def __init__(self, server: ServerThread, token: str) -> None:
+        stub = verdicts_pb2_grpc.VerdictsStub(server.open(None, token=token))
+        self.started = time.monotonic()
+        self.call = stub.WatchVerdicts(
+            verdicts_pb2.WatchVerdictsRequest(), timeout=STREAM_DEADLINE_S
+        )
+        self.events: queue.Queue[verdicts_pb2.VerdictEvent] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self.ended_at = 0.0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.call:
+                self.events.put(event)
+        except grpc.RpcError as e:
+            self.error = e
+        finally:
+            self.ended_at = time.monotonic()
+            self.done.set()
+
+    def next_event(self, timeout_s: float = 5.0) -> verdicts_pb2.VerdictEvent:
+        return self.events.get(timeout=timeout_s)
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def open_watch(server: ServerThread) -> Iterator[Callable[[str], OpenWatch]]:
+    watches: list[OpenWatch] = []
+
+    def make(token: str) -> OpenWatch:
+        watches.append(OpenWatch(server, token))
+        return watches[-1]
+
+    yield make
+    for w in watches:
+        w.close()
+
+
+def test_revoking_a_token_ends_its_open_stream(
+    server: ServerThread, device: Device, open_watch: Callable[[str], OpenWatch]
+) -> None:
+    device.agent.attest()  # an event for the stream to replay: it shows the stream is open
+    made = create_token(server, admin_pb2.ROLE_GATEWAY, "watching-gateway")
+    watch = open_watch(made.token)
+    assert watch.next_event().device_id == device.device_id
+    assert not watch.done.is_set()
+
+    server.admin.RevokeCredential(
+        admin_pb2.RevokeCredentialRequest(id=made.credential.id, reason="test"),
+        timeout=TIMEOUT_S,
+    )
+    revoked_at = time.monotonic()
+    assert watch.done.wait(STREAM_DEADLINE_S), "the stream did not end"
+    assert watch.error is not None
+    assert rpc_code(watch.error) == (UNAUTH, "CREDENTIAL_REVOKED")
+    assert secret_of(made.token) not in (watch.error.details() or "")
+    # Ended by the re-check (every 2 s), well before the call's own deadline.
+    assert watch.ended_at - revoked_at < 5.0
+    assert watch.ended_at - watch.started < STREAM_DEADLINE_S - 2
+    # The refusal is in the audit log.
+    refused = [
+        item.record.detail_json
+        for item in server.admin.ExportAudit(admin_pb2.ExportAuditRequest(), timeout=TIMEOUT_S)
+        if item.WhichOneof("item") == "record" and item.record.kind == "auth.refused"
+    ]
+    assert any("WatchVerdicts" in d and "CREDENTIAL_REVOKED" in d for d in refused), refused
+
+
+def test_an_expiring_token_ends_its_open_stream(
+    server: ServerThread, device: Device, open_watch: Callable[[str], OpenWatch]
+) -> None:
+    device.agent.attest()
+    made = create_token(server, admin_pb2.ROLE_GATEWAY, "expiring-gateway", lifetime_s=60)
+    watch = open_watch(made.token)
+    assert watch.next_event().device_id == device.device_id
+    server.advance(120)  # past the token's expiry, by the server's clock
+    expired_at = time.monotonic()
+    assert watch.done.wait(STREAM_DEADLINE_S), "the stream did not end"
+    assert watch.error is not None
+    assert rpc_code(watch.error) == (UNAUTH, "CREDENTIAL_EXPIRED")
+    assert watch.ended_at - expired_at < 5.0
+
+
+def test_a_stream_with_a_valid_token_outlives_its_rechecks(
+    server: ServerThread, device: Device, open_watch: Callable[[str], OpenWatch]
+) -> None:
+    device.agent.attest()
+    made = create_token(server, admin_pb2.ROLE_GATEWAY, "steady-gateway")
+    watch = open_watch(made.token)
+    first = watch.next_event()
+    # Past two re-checks (every 2 s) the stream is still open...
+    assert not watch.done.wait(5.0), watch.error
+    # ...and still delivers: an attestation made now reaches it.
+    device.agent.attest()
+    later = watch.next_event()
+    assert later.device_id == device.device_id
+    assert later.cursor > first.cursor
+    assert not watch.done.is_set(), watch.error
 
 
 # -- client certificates ---------------------------------------------------------
