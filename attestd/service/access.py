@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 
 class Role(enum.StrEnum):
@@ -54,6 +55,22 @@ current_principal: contextvars.ContextVar[Principal | None] = contextvars.Contex
 )
 # The peer address of the RPC being served, for the audit log of anonymous calls.
 current_peer: contextvars.ContextVar[str] = contextvars.ContextVar("attestd_peer", default="")
+
+
+@dataclass
+class AuditSlot:
+    """The audit record owed for the call being served (see security.claim_audit)."""
+
+    kind: str
+    request: Any
+    claimed: bool = False
+
+
+# Set by the interceptor for audited calls; a servicer may claim it to write the record
+# inside its own store transaction.
+current_audit: contextvars.ContextVar[AuditSlot | None] = contextvars.ContextVar(
+    "attestd_audit", default=None
+)
 
 
 def current_actor() -> str:

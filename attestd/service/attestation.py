@@ -29,6 +29,7 @@ from attestd.core.verdict import (
 from attestd.service.config import ServerConfig
 from attestd.service.effective import effective_policy_in_store
 from attestd.service.errors import ServiceError
+from attestd.service.security import claim_audit
 from attestd.service.state import ServiceState, cached_public
 from attestd.store.base import (
     AttestationRecord,
@@ -206,6 +207,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 issued.record if issued else None,
             ),
             _clock_dict(appraisal.accepted_clock),
+            claim_audit(self.s, response),
         )
         self.s.notify()
         log.info(

@@ -34,6 +34,8 @@ SECRET_FIELDS = frozenset(
     }
 )
 MAX_TEXT = 200
+# Repeated findings recorded by their reason codes.
+CODE_LISTS = frozenset({"failures", "warnings"})
 MAX_ITEMS = 32
 # Fields that name what a call is about, in order of preference.
 SUBJECT_FIELDS = ("device_id", "name", "group", "id")
@@ -67,6 +69,12 @@ def scrub(message: Message) -> dict[str, Any]:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             items = sorted(value.items())[:MAX_ITEMS]
             out[field.name] = {str(k): _value(v) for k, v in items}
+        elif field.name in CODE_LISTS:  # verdict findings: their reason codes say it
+            out[field.name] = [getattr(v, "code", "") for v in list(value)[:MAX_ITEMS]]
+        elif field.is_repeated and field.message_type is not None:
+            # Evidence (PCR banks and the like): which, not a copy.
+            blob = b"".join(v.SerializeToString(deterministic=True) for v in value)
+            out[field.name] = {"count": len(value)} | digest_of(blob)
         elif field.is_repeated:
             out[field.name] = [_value(v) for v in list(value)[:MAX_ITEMS]]
             if len(value) > MAX_ITEMS:

@@ -37,10 +37,12 @@ from google.protobuf.message import Message
 from attestd.service.access import (
     MATRIX,
     OPEN_PREFIXES,
+    AuditSlot,
     Principal,
     Role,
     Rule,
     current_actor,
+    current_audit,
     current_peer,
     current_principal,
 )
@@ -195,6 +197,22 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 StreamHandler = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 
+def claim_audit(state: ServiceState, response: Message) -> AuditEvent | None:
+    """The audit record of the call being served, for the servicer to write itself.
+
+    A servicer that writes its result in one store transaction (Attest) appends the
+    record there too: one transaction instead of two, and the record cannot be lost
+    between them. The interceptor then writes nothing more for the call (a refusal
+    raised later is still audited by the interceptor only if nothing was claimed).
+    """
+    slot = current_audit.get()
+    if slot is None or slot.claimed:
+        return None
+    slot.claimed = True
+    subject, detail = describe(slot.request, response, "ok")
+    return AuditEvent(state.now_ms(), slot.kind, current_actor(), subject, detail)
+
+
 class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """One place for authentication, the role matrix, abuse limits and audit records.
 
@@ -245,13 +263,16 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             await self._admit(method, rule, request, context)
             if rule is None or not rule.audit:
                 return await inner(request, context)
+            slot = AuditSlot(rule.audit, request)
+            current_audit.set(slot)
             try:
                 response = await inner(request, context)
             except Exception as exc:
-                if not isinstance(exc, grpc.aio.AbortError):
+                if not isinstance(exc, grpc.aio.AbortError) and not slot.claimed:
                     await self._audit(rule.audit, request, None, classify(exc)[1])
                 raise
-            await self._audit(rule.audit, request, response, "ok")
+            if not slot.claimed:
+                await self._audit(rule.audit, request, response, "ok")
             return response
 
         return wrapped

@@ -242,8 +242,12 @@ class Store(Protocol):
     def consume_nonce(self, nonce_hash: bytes, device_id: str, now_ms: int) -> NonceGrant: ...
 
     # Attestations.
+    # With ``audit``: its audit record is appended in the same transaction.
     def record_attestation(
-        self, record: AttestationRecord, accepted_clock: dict[str, int] | None
+        self,
+        record: AttestationRecord,
+        accepted_clock: dict[str, int] | None,
+        audit: AuditEvent | None = None,
     ) -> int: ...
     def latest_attestation(self, device_id: str) -> AttestationRecord | None: ...
     # Only the newest rows of each device are kept (how many is the store's setting);

@@ -29,6 +29,7 @@ import sqlite_utils
 from attestd.store.base import (
     AttestationCounts,
     AttestationRecord,
+    AuditEvent,
     Challenge,
     Conflict,
     CredentialRecord,
@@ -487,10 +488,15 @@ class SqliteStore(SecurityTables):
     # -- attestations ----------------------------------------------------
 
     def record_attestation(
-        self, record: AttestationRecord, accepted_clock: dict[str, int] | None
+        self,
+        record: AttestationRecord,
+        accepted_clock: dict[str, int] | None,
+        audit: AuditEvent | None = None,
     ) -> int:
         def go() -> int:
             with self._tx() as c:
+                if audit is not None:  # the verdict's audit record, in the same transaction
+                    self.append_audit(audit)
                 cur = c.execute(
                     "INSERT INTO attestations (device_id, at_ms, status, failures, warnings,"
                     " trust_vector, policy_name, policy_version, clock, pcrs,"

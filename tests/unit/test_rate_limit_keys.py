@@ -161,7 +161,7 @@ def test_peer_host(peer: str, host: str) -> None:
 
 def test_peer_host_drops_the_port_of_a_percent_encoded_ipv6_peer() -> None:
     a = peer_host("ipv6:%5B2001:db8::1%5D:5555")
-    assert a == peer_host("ipv6:%5B2001:db8::1%5D:6666")
+    assert a == peer_host("ipv6:%5B2001:db8::1%5D:6666") == "2001:db8::1"
     assert a != peer_host("ipv6:%5B2001:db8::2%5D:5555")
     assert "5555" not in a
 
