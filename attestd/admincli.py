@@ -760,7 +760,9 @@ def register(sub: Any, device_sub: Any, server: str) -> None:
         + description,
     )
     _role_options(c)
-    c.add_argument("--out-dir", required=True, metavar="DIR", help="where to write the files")
+    c.add_argument(
+        "--out-dir", default=".", metavar="DIR", help="where to write the files (default: here)"
+    )
     c.add_argument(
         "--lifetime",
         type=int,
