@@ -91,7 +91,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
         _require_device_id(request.device_id)
         nonce = secrets.token_bytes(NONCE_SIZE)
         # Only a hash is stored: a database reader cannot lift unused nonces.
-        choice, record, grant = await self.s.store(
+        choice, record, grant = await self.s.store.fast(
             _grant_nonce,
             self.s.store.store,
             self.s.config,
@@ -152,7 +152,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             )
         store = self.s.store.store
         now_ms = self.s.now_ms()
-        device, grant, policy, status = await self.s.store(
+        device, grant, policy, status = await self.s.store.fast(
             _attestation_context,
             self.s,
             request.device_id,
@@ -197,7 +197,7 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             response.credential = issued.token
             response.credential_expires_at_ms = issued.record.expires_at_ms
             response.client_certificate = issued.certificate
-        await self.s.store(
+        await self.s.store.fast(
             store.record_attestation,
             _record(
                 device.device_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,25 +18,56 @@ from attestd.core.policy import Policy, policy_from_document
 from attestd.core.tpm import PublicArea, parse_public
 from attestd.service.config import ServerConfig
 from attestd.service.keys import IssuingCA, SigningKeyring
-from attestd.store.base import PolicyRecord, Store
+from attestd.store.base import PolicyRecord, Store, StoreBusy, StoreUnavailable
 
 T = TypeVar("T")
 
 
 class StoreRunner:
-    """Runs blocking store calls on one worker thread so the event loop never waits on disk."""
+    """Runs blocking store calls on one worker thread so the event loop never waits on disk.
+
+    ``fast`` runs a call on the event loop itself when that cannot wait long: the store
+    is not in use by the thread, and SQLite is told not to wait for another process's
+    write lock (WAL reads never wait). If it would have to wait, the call goes to the
+    thread after all. Hot paths use it for calls that may be repeated from the start:
+    reads, and a single write transaction or write statement that failed before it
+    changed anything.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attestd-store")
+        self._lock = threading.Lock()
+        self._no_wait: Callable[[], contextlib.AbstractContextManager[Callable[[], bool]]] | None
+        self._no_wait = getattr(store, "no_wait", None)
+
+    def _locked(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            return fn()
 
     async def __call__(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        call = functools.partial(fn, *args, **kwargs)
+        return await loop.run_in_executor(self._pool, self._locked, call)
+
+    async def fast(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        if self._no_wait is not None and self._lock.acquire(blocking=False):
+            try:
+                with self._no_wait() as changed:
+                    try:
+                        return fn(*args, **kwargs)
+                    except StoreBusy:
+                        if changed():  # it wrote before it had to wait: not repeatable
+                            raise StoreUnavailable("store busy; retry") from None
+                # Another process is writing and nothing was changed: wait on the thread.
+            finally:
+                self._lock.release()
+        return await self(fn, *args, **kwargs)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self.store.close()
+        with self._lock:
+            self.store.close()
 
 
 @functools.lru_cache(maxsize=8192)  # ~2.3 KB each: bounded at ~20 MB per process

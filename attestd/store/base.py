@@ -32,6 +32,10 @@ class StoreUnavailable(StoreError):
     code = "STORE_UNAVAILABLE"
 
 
+class StoreBusy(StoreUnavailable):
+    """Another process holds the write lock (raised at once inside ``no_wait``)."""
+
+
 class NotFound(StoreError):
     code = "NOT_FOUND"
 

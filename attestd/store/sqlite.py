@@ -41,6 +41,7 @@ from attestd.store.base import (
     NotFound,
     PolicyRecord,
     Rejected,
+    StoreBusy,
     StoreUnavailable,
     VerdictEventRecord,
 )
@@ -273,7 +274,7 @@ class SqliteStore(SecurityTables):
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
-            raise StoreUnavailable(f"store busy or unavailable: {e}") from None
+            raise _unavailable(e) from None
         try:
             yield conn
         except BaseException:
@@ -286,7 +287,21 @@ class SqliteStore(SecurityTables):
         try:
             return fn()
         except sqlite3.Error as e:
-            raise StoreUnavailable(f"store error: {e}") from None
+            raise _unavailable(e) from None
+
+    @contextmanager
+    def no_wait(self) -> Iterator[Callable[[], bool]]:
+        """Within: a write that would wait for another process's lock raises StoreBusy
+        at once instead of waiting up to the busy timeout (for callers on an event loop,
+        which then hand the call to a thread). Yields ``changed()``: whether anything was
+        written since (a call that wrote must not be repeated)."""
+        conn = self.db.conn
+        before = conn.total_changes
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            yield lambda: conn.total_changes != before
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
 
     def close(self) -> None:
         self.db.conn.close()
@@ -1157,6 +1172,12 @@ class SqliteStore(SecurityTables):
             return deleted
 
         return self._run(go)
+
+
+def _unavailable(e: sqlite3.Error) -> StoreUnavailable:
+    if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+        return StoreBusy(f"store busy: {e}")
+    return StoreUnavailable(f"store error: {e}")
 
 
 # Fixed statements (the table names are constants, never input).
