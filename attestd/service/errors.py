@@ -30,9 +30,17 @@ class ServiceError(Exception):
 
     status = grpc.StatusCode.INVALID_ARGUMENT
 
-    def __init__(self, message: str, code: str, status: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        code: str,
+        status: grpc.StatusCode | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.code = code
+        # Extra trailing metadata for the client (e.g. where to resume a watch).
+        self.metadata = metadata
         if status is not None:
             self.status = status
 
@@ -82,6 +90,11 @@ def classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     return grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error (reference {ref})"
 
 
+def _trailers(exc: BaseException, code: str) -> tuple[tuple[str, str], ...]:
+    extra = exc.metadata if isinstance(exc, ServiceError) else ()
+    return ((CODE_KEY, code), *extra)
+
+
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
@@ -112,7 +125,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 status, code, message = classify(exc)
                 if status is not grpc.StatusCode.INTERNAL:
                     log.info("%s refused: %s %s", method, status.name, code)
-                await context.abort(status, message, trailing_metadata=((CODE_KEY, code),))
+                await context.abort(status, message, trailing_metadata=_trailers(exc, code))
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
@@ -133,7 +146,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except Exception as exc:
                 status, code, message = classify(exc)
                 log.info("%s ended: %s %s", method, status.name, code)
-                await context.abort(status, message, trailing_metadata=((CODE_KEY, code),))
+                await context.abort(status, message, trailing_metadata=_trailers(exc, code))
 
         return grpc.unary_stream_rpc_method_handler(
             wrapped,

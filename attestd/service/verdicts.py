@@ -32,6 +32,8 @@ _KINDS = {
     "READMITTED": verdicts_pb2.VERDICT_EVENT_KIND_READMITTED,
     "EXPIRED": verdicts_pb2.VERDICT_EVENT_KIND_EXPIRED,
 }
+# With CURSOR_EXPIRED: the newest event cursor, where a resynchronised watcher resumes.
+LATEST_CURSOR_KEY = "attestd-latest-cursor"
 VALID = verdicts_pb2.CREDENTIAL_STATE_VALID
 INVALID = verdicts_pb2.CREDENTIAL_STATE_INVALID
 EXPIRED = verdicts_pb2.CREDENTIAL_STATE_EXPIRED
@@ -184,12 +186,18 @@ class VerdictsService(verdicts_pb2_grpc.VerdictsServicer):
             oldest = await self.s.store(store.oldest_event_cursor)
             if oldest and cursor + 1 < oldest:
                 # Events after the cursor were pruned: resuming would silently skip them
-                # (a REVOKED among them). The watcher must start over from its own state.
+                # (a REVOKED among them). The watcher must read the current verdicts of
+                # the devices it knows again, then watch after the newest cursor, which
+                # comes with the refusal (read before those verdicts, so nothing between
+                # is missed).
+                latest = await self.s.store(store.last_event_cursor)
                 raise ServiceError(
                     f"after_cursor {cursor}: events up to {oldest - 1} are no longer kept"
-                    " (event_retention); read the current verdicts again and watch from 0",
+                    " (event_retention); read the current verdicts again and watch after"
+                    f" cursor {latest} (trailing metadata {LATEST_CURSOR_KEY})",
                     "CURSOR_EXPIRED",
                     grpc.StatusCode.OUT_OF_RANGE,
+                    metadata=((LATEST_CURSOR_KEY, str(latest)),),
                 )
         while True:
             events = await self.s.store(store.events_after, cursor, devices, WATCH_BATCH)

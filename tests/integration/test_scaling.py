@@ -407,6 +407,10 @@ def test_event_retention_and_a_watcher_behind_it(device: Device, server: ServerT
     with pytest.raises(grpc.RpcError) as expired:
         next(stream)
     assert rpc_code(expired.value) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED")
+    # ...with where to resume once it has read the current verdicts again.
+    assert isinstance(expired.value, grpc.Call)
+    trailers = dict(expired.value.trailing_metadata() or ())
+    assert trailers["attestd-latest-cursor"] == "6"
     # Right behind the oldest kept event, or from the start, it reads what is kept.
     for after in (2, 0):
         stream = server.verdicts.WatchVerdicts(
