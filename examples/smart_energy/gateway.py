@@ -8,7 +8,9 @@ the connection only while that device is currently affirming:
 
 - an in-memory cache holds each device's state: filled with GetVerdict the first
   time the device is seen, then kept fresh by one background WatchVerdicts stream
-  (which resumes from the last cursor it saw whenever it has to reconnect);
+  (which resumes from the last cursor it saw whenever it has to reconnect; if attestd
+  no longer keeps the events after that cursor, CURSOR_EXPIRED, it reads every cached
+  device again with GetVerdict and watches after the newest cursor attestd named);
 - each new certificate is also checked once with VerifyCredential (a certificate
   from before a revocation or a failed attestation is refused even though the
   device has since been readmitted and attested again), remembered until the
@@ -62,7 +64,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -93,6 +95,10 @@ RPC_TIMEOUT_S = 5.0
 HANDSHAKE_TIMEOUT_S = 10.0
 SWEEP_S = 0.25  # local expiry checks
 POLL_S = 1.0  # GetVerdict polling of connected devices while the watch is down
+RESYNC_CONCURRENCY = 8  # GetVerdict calls at once when the cache is read again
+# WatchVerdicts refused with CURSOR_EXPIRED carries the newest event cursor here.
+CODE_KEY = "attestd-code"
+LATEST_CURSOR_KEY = "attestd-latest-cursor"
 
 AFFIRMING = common_pb2.VERDICT_STATUS_AFFIRMING
 STATUS_NAMES = {1: "none", 2: "affirming", 3: "warning", 4: "contraindicated"}
@@ -180,22 +186,31 @@ class VerdictCache:
         channel: grpc.aio.Channel,
         on_ended: Callable[[str, str], None],
         after_cursor: int = 0,
+        on_resynced: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.channel = channel
         self.stub = verdicts_pb2_grpc.VerdictsStub(channel)
         self.on_ended = on_ended
+        # After the cache was read again: check what it cannot see (open connections'
+        # certificates, which a missed revocation may have ended).
+        self.on_resynced = on_resynced
         self.entries: dict[str, DeviceState] = {}
         self.cursor = after_cursor
         self._call: Any = None  # the watch stream, while it runs
         self._fills: dict[str, asyncio.Future[DeviceState]] = {}
         self._raced: set[str] = set()  # devices with an event during their fill
+        self.resyncing = False  # reading every cached device again (CURSOR_EXPIRED)
 
     @property
     def live(self) -> bool:
-        """The watch stream is up: the cache can be trusted without asking attestd."""
+        """The watch stream is up: the cache can be trusted without asking attestd.
+
+        False while the cache is read again after CURSOR_EXPIRED (no stream runs then).
+        """
         call = self._call
         return (
-            call is not None
+            not self.resyncing
+            and call is not None
             and not call.done()
             and self.channel.get_state() == grpc.ChannelConnectivity.READY
         )
@@ -276,6 +291,66 @@ class VerdictCache:
 
     # The watch -----------------------------------------------------------------
 
+    async def resync(self, latest: int | None, problem: str) -> None:
+        """Events after our cursor are gone: read every cached device again.
+
+        ``latest`` is the newest event cursor, read by attestd before we ask for any
+        verdict: every change after it comes on the stream watched from it, every
+        change before it is in the verdicts read now. Without it (an attestd that does
+        not send it), the cache is emptied and the watch starts again from cursor 0.
+        Meanwhile ``live`` is false: lookups ask attestd.
+        """
+        self.resyncing = True
+        try:
+            if latest is None:
+                log.warning(
+                    "verdict events after cursor %d are gone (%s) and attestd did not say"
+                    " where to resume; emptying the cache (every device is looked up"
+                    " afresh) and watching from cursor 0",
+                    self.cursor,
+                    problem,
+                )
+                self.entries.clear()
+                self.cursor = 0
+                return
+            # A GetVerdict already in flight may have been answered before `latest`
+            # was read: have it ask again (as for an event during a fill).
+            self._raced.update(self._fills)
+            devices = sorted(set(self.entries) | set(self._fills))
+            log.warning(
+                "verdict events after cursor %d are gone (%s): events were missed;"
+                " reading the %d cached device(s) again before watching after cursor %d",
+                self.cursor,
+                problem,
+                len(devices),
+                latest,
+            )
+            slots = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+            async def read_again(device_id: str) -> None:
+                async with slots:
+                    await self.refresh(device_id)
+
+            results = await asyncio.gather(
+                *(read_again(d) for d in devices), return_exceptions=True
+            )
+            unread = [d for d, r in zip(devices, results, strict=True) if r is not None]
+            for device_id in unread:
+                # Not read again: forget it, so that it is looked up afresh.
+                self.entries.pop(device_id, None)
+            if self.on_resynced is not None:
+                await self.on_resynced()
+            self.cursor = latest
+            log.warning(
+                "missed verdict events: the cache was read again (%d device(s)%s);"
+                " watching after cursor %d",
+                len(devices) - len(unread),
+                f", {len(unread)} unreachable and forgotten" if unread else "",
+                latest,
+            )
+        finally:
+            self.resyncing = False
+
     def apply(self, event: verdicts_pb2.VerdictEvent) -> None:
         self.cursor = max(self.cursor, event.cursor)
         device_id = event.device_id
@@ -312,6 +387,7 @@ class VerdictCache:
             request = verdicts_pb2.WatchVerdictsRequest(after_cursor=self.cursor)
             self._call = call = self.stub.WatchVerdicts(request)
             log.info("watching verdict events after cursor %d", self.cursor)
+            expired: tuple[int | None] | None = None  # (latest cursor,) on CURSOR_EXPIRED
             try:
                 async for event in call:
                     self.apply(event)
@@ -319,9 +395,17 @@ class VerdictCache:
                 problem = "the stream ended"
             except grpc.aio.AioRpcError as e:
                 problem = f"{e.code().name}: {e.details()}"
+                expired = cursor_expired(e)
             finally:
                 self._call = None
                 call.cancel()
+            if expired is not None:
+                # Not a broken stream: attestd no longer keeps the events after our
+                # cursor. Retrying from it would fail forever (or, were it accepted,
+                # skip a revocation): read the cache again instead.
+                await self.resync(expired[0], problem)
+                backoff = 0.2
+                continue
             log.warning(
                 "verdict watch lost (%s); the cache is not trusted until it is back; "
                 "retrying in %.1f s from cursor %d",
@@ -331,6 +415,17 @@ class VerdictCache:
             )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+
+def cursor_expired(e: grpc.aio.AioRpcError) -> tuple[int | None] | None:
+    """(latest cursor or None,) if WatchVerdicts refused an expired cursor, else None."""
+    if e.code() != grpc.StatusCode.OUT_OF_RANGE:
+        return None
+    trailers = dict(e.trailing_metadata() or ())
+    if trailers.get(CODE_KEY) != "CURSOR_EXPIRED":
+        return None
+    latest = str(trailers.get(LATEST_CURSOR_KEY, ""))
+    return (int(latest),) if latest.isdigit() else (None,)
 
 
 # -- the gateway ------------------------------------------------------------------
@@ -352,6 +447,8 @@ class Connection:
     peer: str
     writer: asyncio.StreamWriter
     not_after_ms: int
+    der: bytes  # the client certificate, checked again after missed events
+    serial: str
     readings: int = 0
     closed_because: str | None = None
 
@@ -376,7 +473,9 @@ class Gateway:
         self.channel = open_aio_channel(
             args.connection, options=[("grpc.max_reconnect_backoff_ms", 2000)]
         )
-        self.cache = VerdictCache(self.channel, self.drop_device, args.after_cursor)
+        self.cache = VerdictCache(
+            self.channel, self.drop_device, args.after_cursor, self.recheck_certificates
+        )
         self.connections: dict[str, set[Connection]] = {}
         self.tls: ssl.SSLContext | None = None
         self.stopping = False
@@ -442,7 +541,12 @@ class Gateway:
             # Registered before the last check, with no await in between: an event
             # from here on finds the connection and closes it.
             conn = Connection(
-                device_id, peer, writer, int(cert.not_valid_after_utc.timestamp() * 1000)
+                device_id,
+                peer,
+                writer,
+                int(cert.not_valid_after_utc.timestamp() * 1000),
+                der,
+                format(cert.serial_number, "x"),
             )
             self.connections.setdefault(device_id, set()).add(conn)
             why = entry.refusal(now_ms())
@@ -494,6 +598,32 @@ class Gateway:
         if conns:
             log.warning("closed %d connection(s) of device %s: %s", len(conns), device_id, why)
 
+    async def recheck_certificates(self) -> None:
+        """After missed events: does attestd still vouch for each open connection?
+
+        A revocation in the gap, followed by readmission and a new attestation, leaves
+        the device affirming, but the certificates from before it are no longer good.
+        """
+        slots = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+        async def recheck(conn: Connection) -> None:
+            entry = self.cache.entries.get(conn.device_id)
+            if entry is None or conn.closed_because is not None:
+                return  # forgotten: the sweep reads it again
+            async with slots:
+                try:
+                    why = entry.refusal(now_ms()) or await self.cache.check_certificate(
+                        conn.device_id, entry, conn.der, conn.serial, conn.not_after_ms
+                    )
+                except AttestdUnavailable as e:
+                    why = f"attestd unreachable after missed events, failing closed ({e})"
+            if why is not None:
+                log.warning("closing %s (device %s): %s", conn.peer, conn.device_id, why)
+                conn.kick(why)
+
+        conns = [c for cs in self.connections.values() for c in cs]
+        await asyncio.gather(*(recheck(c) for c in conns))
+
     async def sweep(self) -> None:
         """Local expiry checks; polling and failing closed while the watch is down."""
         last_poll = 0.0
@@ -503,9 +633,14 @@ class Gateway:
             if not self.cache.live and self.connections and time.monotonic() - last_poll >= POLL_S:
                 last_poll = time.monotonic()
                 await self.poll_connected()
+            forgotten = [d for d in self.connections if d not in self.cache.entries]
+            if forgotten:  # the cache was emptied or a device forgotten: read them again
+                await self.poll_connected(forgotten)
             for device_id, conns in list(self.connections.items()):
                 entry = self.cache.entries.get(device_id)
-                why = entry.refusal(at) if entry is not None else "unknown device"
+                if entry is None:
+                    continue  # not read again yet: polled above, dropped after the grace
+                why = entry.refusal(at)
                 if why is not None:
                     self.drop_device(device_id, why)
                     continue
@@ -513,8 +648,8 @@ class Gateway:
                     if conn.not_after_ms <= at:
                         conn.kick("certificate expired")
 
-    async def poll_connected(self) -> None:
-        devices = list(self.connections)
+    async def poll_connected(self, devices: list[str] | None = None) -> None:
+        devices = list(self.connections) if devices is None else devices
         results = await asyncio.gather(
             *(self.cache.refresh(d) for d in devices), return_exceptions=True
         )

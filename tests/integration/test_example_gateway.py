@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import queue
@@ -25,8 +26,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any
 
+import grpc
 import pytest
 from conftest import REPO, Device, ServerThread, run_cli
 from cryptography import x509
@@ -34,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from attestd.v1 import enrollment_pb2
+from attestd.v1 import enrollment_pb2, verdicts_pb2
 
 TPM2_PROVIDER = Path("/usr/lib/x86_64-linux-gnu/ossl-modules/tpm2.so")
 pytestmark = [
@@ -147,7 +150,7 @@ def gateway_argv(server: ServerThread, tmp_path: Path, *connection: str) -> list
     ]
 
 
-def start_gateway(server: ServerThread, tmp_path: Path) -> tuple[Proc, int]:
+def start_gateway(server: ServerThread, tmp_path: Path, *extra: str) -> tuple[Proc, int]:
     assert server.ca_cert is not None
     gateway = Proc(
         [
@@ -165,6 +168,7 @@ def start_gateway(server: ServerThread, tmp_path: Path) -> tuple[Proc, int]:
             str(tmp_path / "readings.jsonl"),
             "--tls-dir",
             str(tmp_path / "gateway-tls"),
+            *extra,
         ],
         base_env(),
         tmp_path / "gateway.stderr",
@@ -494,3 +498,279 @@ def test_gateway_needs_tls_and_a_gateway_credential(server: ServerThread, tmp_pa
         )
         assert out.returncode != 0 and message in out.stderr, (connection, out.stderr)
         assert "listening on" not in out.stdout
+
+
+# -- resynchronising after CURSOR_EXPIRED --------------------------------------------
+
+
+def prune_all_but_newest(server: ServerThread) -> None:
+    """What attestd's retention does with event_retention = 1: only the newest event stays."""
+    state = server.running.state
+    state.store.store.prune(state.now_ms(), 1)
+
+
+def test_gateway_resynchronises_when_its_cursor_has_expired(
+    device: Device, server: ServerThread, tmp_path: Path
+) -> None:
+    """Started after a cursor whose events were pruned: attestd refuses the watch with
+    CURSOR_EXPIRED; the gateway reads its cache again, watches after the newest cursor
+    attestd named, and still drops a sensor at once when its device is revoked."""
+    for _ in range(3):  # events 1..3
+        assert device.agent.attest().verdict.status == AFFIRMING
+    prune_all_but_newest(server)
+    store = server.running.state.store.store
+    assert store.oldest_event_cursor() == store.last_event_cursor() == 3
+
+    gateway, port = start_gateway(server, tmp_path, "--after-cursor", "1")
+    log_file = tmp_path / "gateway.stderr"
+    sensor: Proc | None = None
+    try:
+        wait_until(
+            "the gateway resynchronises",
+            lambda: "watching verdict events after cursor 3" in log_file.read_text(),
+        )
+        log = log_file.read_text()
+        assert "events were missed" in log and "the cache was read again" in log, log
+        sensor = start_sensor(device, port, tmp_path, "a")
+        sensor.expect(rf"^sensor: admitted as {re.escape(device.device_id)}$")
+
+        called_at = time.monotonic()
+        server.devices.RevokeDevice(
+            enrollment_pb2.RevokeDeviceRequest(device_id=device.device_id, reason="stolen")
+        )
+        noticed_at, m = sensor.expect(r"^sensor: closed by the gateway: (.*)$", timeout=10)
+        assert noticed_at - called_at < 1.0, f"{noticed_at - called_at:.3f} s"
+        assert m[1] == "revoked: stolen", m[1]
+        # It came on the stream watched from the new cursor.
+        wait_until(
+            "the revocation event is logged",
+            lambda: f"event 4: revoked {device.device_id}" in log_file.read_text(),
+        )
+        log = log_file.read_text()
+        assert "verdict watch lost" not in log, log  # no retrying from the expired cursor
+    finally:
+        if sensor is not None:
+            sensor.stop()
+        gateway.stop()
+
+
+def test_gateway_refuses_a_device_revoked_in_events_it_never_saw(
+    device_factory: Callable[..., Device], server: ServerThread, tmp_path: Path
+) -> None:
+    """The gateway has a device cached as affirming; while it is away the device is
+    revoked, another event follows and retention prunes both but the newest. The
+    REVOKED event never reaches the gateway: its re-read of the cache must catch it."""
+    first = ServerThread(
+        dataclasses.replace(server.config, data_dir=tmp_path / "attestd"), server.tls
+    )
+    running = [first]
+    gateway: Proc | None = None
+    try:
+        dev = device_factory(target=first)
+        other = device_factory(target=first)  # enrolled: its revocation is the newer event
+        first.put_policy(dev.golden_policy())
+        assert dev.agent.attest().verdict.status == AFFIRMING  # event 1
+        for d in (dev, other):
+            d.agent.close()  # done with them; their channels would only log the GOAWAY
+
+        gateway, port = start_gateway(first, tmp_path)
+        log_file = tmp_path / "gateway.stderr"
+        # The device is admitted (and cached); its sensor leaves after two readings, so
+        # no open connection makes the gateway poll GetVerdict while attestd is away.
+        sensor = start_sensor(dev, port, tmp_path, "a", "--count", "2")
+        sensor.expect(rf"^sensor: admitted as {re.escape(dev.device_id)}$")
+        assert sensor.wait() == 0, sensor.describe()
+        sensor.stop()
+        wait_until("the AFFIRMED event is seen", lambda: cursor_of(log_file) == 1)
+
+        # attestd goes away; meanwhile (another instance on the same store, on a port
+        # the gateway does not know) the device is revoked, then the other one, and
+        # retention keeps only the newest event.
+        running.remove(first)
+        stop_server(first)
+        wait_until("the gateway notices", lambda: "verdict watch lost" in log_file.read_text())
+        aside = ServerThread(
+            dataclasses.replace(first.config, data_dir=tmp_path / "attestd"), server.tls
+        )
+        running.append(aside)
+        for d, reason in ((dev, "stolen"), (other, "spare")):  # events 2 and 3
+            aside.devices.RevokeDevice(
+                enrollment_pb2.RevokeDeviceRequest(device_id=d.device_id, reason=reason)
+            )
+        prune_all_but_newest(aside)
+        assert aside.running.state.store.store.oldest_event_cursor() == 3
+        running.remove(aside)
+        stop_server(aside)
+
+        # attestd is back where the gateway expects it: the gateway's cursor (1) expired.
+        back = ServerThread(
+            dataclasses.replace(first.config, listen=first.address, data_dir=tmp_path / "attestd"),
+            server.tls,
+        )
+        running.append(back)
+        wait_until(
+            "the gateway resynchronises",
+            lambda: "watching verdict events after cursor 3" in log_file.read_text(),
+        )
+        log = log_file.read_text()
+        assert "events were missed" in log, log
+        assert "the cache was read again (1 device(s))" in log, log
+        assert not re.search(r"event [23]: ", log), log  # the revocations never came
+        # The cache is trusted again, and it says revoked.
+        again = start_sensor(dev, port, tmp_path, "b")
+        try:
+            again.expect(r"^sensor: refused: revoked: stolen$")
+            assert again.wait() == 2, again.describe()
+        finally:
+            again.stop()
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        for s in running:
+            stop_server(s)
+
+
+def load_gateway() -> ModuleType:
+    name = "smart_energy_gateway"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLE / "gateway.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class FakeWatch:
+    """A WatchVerdicts call: fails with `error`, or stays open without events."""
+
+    def __init__(self, error: grpc.aio.AioRpcError | None) -> None:
+        self.error = error
+        self.cancelled = False
+
+    def __aiter__(self) -> Any:
+        return self._events()
+
+    async def _events(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        await asyncio.Event().wait()
+        yield
+
+    def done(self) -> bool:
+        return self.cancelled or self.error is not None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeVerdicts:
+    """attestd as the cache sees it: WatchVerdicts refuses the first cursor (CURSOR_EXPIRED,
+    with `latest` in the trailers unless None); GetVerdict of "dev-a" waits for `release`."""
+
+    def __init__(self, latest: int | None) -> None:
+        trailers = [("attestd-code", "CURSOR_EXPIRED")]
+        if latest is not None:
+            trailers.append(("attestd-latest-cursor", str(latest)))
+        self.expired = grpc.aio.AioRpcError(
+            grpc.StatusCode.OUT_OF_RANGE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(*trailers),
+            "after_cursor 1: events up to 4 are no longer kept",
+        )
+        self.watches: list[int] = []
+        self.asked: list[str] = []
+        self.release = asyncio.Event()
+
+    def WatchVerdicts(self, request: verdicts_pb2.WatchVerdictsRequest) -> FakeWatch:
+        self.watches.append(request.after_cursor)
+        return FakeWatch(self.expired if len(self.watches) == 1 else None)
+
+    async def GetVerdict(
+        self, request: verdicts_pb2.GetVerdictRequest, timeout: float
+    ) -> verdicts_pb2.DeviceVerdict:
+        self.asked.append(request.device_id)
+        answer = verdicts_pb2.DeviceVerdict(device_id=request.device_id)
+        if request.device_id == "dev-a":  # revoked while the gateway was not watching
+            await self.release.wait()
+            answer.revoked, answer.revocation_reason = True, "stolen"
+        answer.verdict.status = AFFIRMING
+        answer.credential_expires_at_ms = int(time.time() * 1000) + 3_600_000
+        return answer
+
+
+class FakeChannel:
+    """Always READY; its calls are never made (the test replaces the cache's stub)."""
+
+    def get_state(self) -> grpc.ChannelConnectivity:
+        return grpc.ChannelConnectivity.READY
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    unary_stream = unary_unary
+
+
+async def until(what: str, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not check():
+        assert time.monotonic() < deadline, f"not within {WAIT_S} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_verdict_cache_resync_reads_every_device_again_and_is_not_trusted_meanwhile() -> None:
+    gw = load_gateway()
+
+    async def go() -> None:
+        ended: list[tuple[str, str]] = []
+        resynced: list[int] = []
+
+        async def on_resynced() -> None:
+            resynced.append(cache.cursor)
+
+        cache = gw.VerdictCache(FakeChannel(), lambda d, w: ended.append((d, w)), 1, on_resynced)
+        attestd = FakeVerdicts(latest=9)
+        cache.stub = attestd
+        far = int(time.time() * 1000) + 3_600_000
+        for d in ("dev-a", "dev-b"):
+            cache.entries[d] = gw.DeviceState(True, far)
+        watch = asyncio.create_task(cache.watch())
+        try:
+            # Resynchronising: dev-b read again, dev-a's answer still outstanding.
+            await until("dev-b is read again", lambda: attestd.asked.count("dev-b") == 1)
+            await until("dev-b's read is done", lambda: "dev-b" not in cache._fills)
+            assert "dev-a" in attestd.asked and cache.resyncing and not cache.live
+            assert cache.cursor == 1 and attestd.watches == [1]
+            # A lookup meanwhile does not trust the cache: it asks attestd.
+            assert (await cache.lookup("dev-b")).refusal(gw.now_ms()) is None
+            assert attestd.asked.count("dev-b") == 2
+            # dev-a's answer: revoked; the gateway is told, then watches after cursor 9.
+            attestd.release.set()
+            await until("the watch is back", lambda: cache.live)
+            assert attestd.watches == [1, 9] and cache.cursor == 9, attestd.watches
+            assert ended == [("dev-a", "revoked: stolen")], ended
+            assert resynced == [1]  # open connections are checked before the cursor moves
+            assert cache.entries["dev-a"].refusal(gw.now_ms()) == "revoked: stolen"
+            # Live again: the cache answers without asking.
+            await cache.lookup("dev-b")
+            assert attestd.asked.count("dev-b") == 2
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+        # Without the latest cursor in the trailers: forget everything, watch from 0.
+        cache = gw.VerdictCache(FakeChannel(), lambda d, w: ended.append((d, w)), 1)
+        attestd = FakeVerdicts(latest=None)
+        cache.stub = attestd
+        cache.entries["dev-b"] = gw.DeviceState(True, far)
+        watch = asyncio.create_task(cache.watch())
+        try:
+            await until("the watch is back", lambda: cache.live)
+            assert attestd.watches == [1, 0] and cache.entries == {}, attestd.watches
+            await cache.lookup("dev-b")  # looked up afresh
+            assert attestd.asked == ["dev-b"]
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    asyncio.run(go())
