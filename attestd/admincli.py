@@ -34,6 +34,7 @@ from attestd.core.audit import (
     record_to_json,
     verify_log,
 )
+from attestd.service.access import MATRIX
 from attestd.v1 import admin_pb2, admin_pb2_grpc
 
 if TYPE_CHECKING:
@@ -168,6 +169,19 @@ def _local_call(
         return response
 
 
+def _admin_call(
+    args: argparse.Namespace,
+    method: str,
+    request: Message,
+    local: Callable[[SqliteStore, ServerConfig, int], Any],
+) -> Any:
+    """One Admin operation: through the RPC, or (--data-dir) ``local`` on the server's own
+    files, audited under the kind the server's access matrix gives the RPC."""
+    if not _is_local(args):
+        return _remote(args, method, request)
+    return _local_call(args, MATRIX[f"/attestd.v1.Admin/{method}"].audit, request, local)
+
+
 def _remote(args: argparse.Namespace, method: str, request: Message) -> Any:
     with channel_from_args(args) as channel:
         return getattr(admin_pb2_grpc.AdminStub(channel), method)(request, timeout=60)
@@ -224,15 +238,12 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     request = admin_pb2.CreateTokenRequest(
         role=_role(args.role), name=args.name, lifetime_s=args.lifetime
     )
-    if _is_local(args):
-        resp: admin_pb2.CreateTokenResponse = _local_call(
-            args,
-            "credential.token_create",
-            request,
-            lambda store, _c, now: create_token(store, request, now, _actor()),
-        )
-    else:
-        resp = _remote(args, "CreateToken", request)
+    resp: admin_pb2.CreateTokenResponse = _admin_call(
+        args,
+        "CreateToken",
+        request,
+        lambda store, _c, now: create_token(store, request, now, _actor()),
+    )
     cred = resp.credential
     if args.out:
         try:
@@ -272,12 +283,9 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     from attestd.service.admin import list_credentials
 
     request = admin_pb2.ListCredentialsRequest(include_revoked=args.all)
-    if _is_local(args):
-        resp: admin_pb2.ListCredentialsResponse = _local_call(
-            args, "", request, lambda store, _c, _now: list_credentials(store, request)
-        )
-    else:
-        resp = _remote(args, "ListCredentials", request)
+    resp: admin_pb2.ListCredentialsResponse = _admin_call(
+        args, "ListCredentials", request, lambda store, _c, _now: list_credentials(store, request)
+    )
     if args.json:
         print(json.dumps([_credential_json(c) for c in resp.credentials], indent=2))
         return EXIT_OK
@@ -305,15 +313,12 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     from attestd.service.admin import revoke_credential
 
     request = admin_pb2.RevokeCredentialRequest(id=args.id, reason=args.reason or "")
-    if _is_local(args):
-        cred: admin_pb2.CallerCredential = _local_call(
-            args,
-            "credential.revoke",
-            request,
-            lambda store, _c, now: revoke_credential(store, request, now),
-        )
-    else:
-        cred = _remote(args, "RevokeCredential", request)
+    cred: admin_pb2.CallerCredential = _admin_call(
+        args,
+        "RevokeCredential",
+        request,
+        lambda store, _c, now: revoke_credential(store, request, now),
+    )
     print(
         f"revoked {cred.id} ({cred.kind}, name {cred.name}, role"
         f" {ROLE_NAMES.get(cred.role, '?')}) at {_time(cred.revoked_at_ms)}"
@@ -362,19 +367,16 @@ def cmd_issue_client_cert(args: argparse.Namespace) -> int:
         role=_role(args.role), name=args.name, public_key=public_pem, lifetime_s=args.lifetime
     )
     try:
-        if _is_local(args):
-            from attestd.service.server import client_ca_of
+        from attestd.service.server import client_ca_of
 
-            resp: admin_pb2.IssueClientCertificateResponse = _local_call(
-                args,
-                "credential.cert_issue",
-                request,
-                lambda store, config, now: issue_client_certificate(
-                    store, client_ca_of(config), request, now, _actor()
-                ),
-            )
-        else:
-            resp = _remote(args, "IssueClientCertificate", request)
+        resp: admin_pb2.IssueClientCertificateResponse = _admin_call(
+            args,
+            "IssueClientCertificate",
+            request,
+            lambda store, config, now: issue_client_certificate(
+                store, client_ca_of(config), request, now, _actor()
+            ),
+        )
     except BaseException:
         key_path.unlink(missing_ok=True)
         raise
@@ -409,15 +411,9 @@ def cmd_preregister(args: argparse.Namespace) -> int:
     except OSError as e:
         raise AdminCliError(f"cannot read {args.file}: {e.strerror}") from None
     request = admin_pb2.PreregisterDevicesRequest(manifest=manifest, source=Path(args.file).name)
-    if _is_local(args):
-        resp: admin_pb2.PreregisterDevicesResponse = _local_call(
-            args,
-            "device.preregister",
-            request,
-            lambda store, _c, now: preregister(store, request, now),
-        )
-    else:
-        resp = _remote(args, "PreregisterDevices", request)
+    resp: admin_pb2.PreregisterDevicesResponse = _admin_call(
+        args, "PreregisterDevices", request, lambda store, _c, now: preregister(store, request, now)
+    )
     print(f"{args.file}: {resp.added} added, {resp.updated} updated, {resp.unchanged} unchanged")
     return EXIT_OK
 

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,11 +24,10 @@ from cryptography.utils import CryptographyDeprecationWarning
 from attestd import admincli, gatewaycli, policycli
 from attestd.connect import (
     ENV_CA_CERT,
-    ENV_INSECURE,
-    ENV_SERVER,
     ConnectError,
     add_connection_args,
     channel_from_args,
+    connection_from_args,
 )
 from attestd.core.ear import decode_unverified
 from attestd.core.errors import EvidenceError
@@ -364,17 +362,16 @@ def cmd_eventlog_state(args: argparse.Namespace) -> int:
 def _agent(args: argparse.Namespace) -> Any:
     from attestd.agent.client import Agent, AgentConfig
 
-    if args.insecure and args.ca_cert:
-        raise CliError("--insecure uses no certificates: give --ca-cert or --insecure")
+    conn = connection_from_args(args)
     return Agent(
         AgentConfig(
-            server=args.server,
+            server=conn.server,
             tcti=args.tcti,
             state_dir=Path(args.state_dir),
             ak_handle=int(args.ak_handle, 0),
             ek_type=args.ek_type,
-            ca_cert=Path(args.ca_cert) if args.ca_cert else None,
-            insecure=args.insecure,
+            ca_cert=conn.ca_cert,
+            insecure=conn.insecure,
         )
     )
 
@@ -654,25 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_agent_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attestd-agent", description="attestd device agent")
-    env = os.environ.get
-    p.add_argument(
-        "--server",
-        default=env(ENV_SERVER, DEFAULT_SERVER),
-        help=f"attestd address (${ENV_SERVER}; default {DEFAULT_SERVER})",
-    )
     # Devices never send API tokens: the TPM proves them. Only the server is checked.
-    p.add_argument(
-        "--ca-cert",
-        default=env(ENV_CA_CERT),
-        help=f"CA certificate (PEM) that signed attestd's TLS certificate (${ENV_CA_CERT};"
-        " default: the system's roots)",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        default=env(ENV_INSECURE, "") not in ("", "0"),
-        help=f"plaintext, for a server run with --insecure (${ENV_INSECURE}=1)",
-    )
+    add_connection_args(p, DEFAULT_SERVER, credentials=False)
     p.add_argument(
         "--tcti",
         default="device:/dev/tpmrm0",

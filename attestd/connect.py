@@ -136,8 +136,14 @@ def read_token_file(path: Path) -> str:
     return token
 
 
-def add_connection_args(parser: argparse.ArgumentParser, default_server: str) -> None:
-    """--server and the security options, each with its environment variable."""
+def add_connection_args(
+    parser: argparse.ArgumentParser, default_server: str, *, credentials: bool = True
+) -> None:
+    """--server and the security options, each with its environment variable.
+
+    ``credentials=False`` (the device agent: its TPM proves it): only the server's
+    address and how to trust it, no token or client certificate options.
+    """
     env = os.environ.get
     g = parser.add_argument_group("connection")
     g.add_argument(
@@ -151,6 +157,14 @@ def add_connection_args(parser: argparse.ArgumentParser, default_server: str) ->
         help=f"CA certificate (PEM) that signed the server's certificate (${ENV_CA_CERT};"
         " default: the system's roots)",
     )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env(ENV_INSECURE, "") not in ("", "0"),
+        help=f"plaintext, for a server run with --insecure (${ENV_INSECURE}=1)",
+    )
+    if not credentials:
+        return
     g.add_argument(
         "--token-file",
         default=env(ENV_TOKEN_FILE),
@@ -166,23 +180,23 @@ def add_connection_args(parser: argparse.ArgumentParser, default_server: str) ->
         default=env(ENV_CLIENT_KEY),
         help=f"its private key (${ENV_CLIENT_KEY})",
     )
-    g.add_argument(
-        "--insecure",
-        action="store_true",
-        default=env(ENV_INSECURE, "") not in ("", "0"),
-        help=f"plaintext, for a server run with --insecure (${ENV_INSECURE}=1)",
-    )
 
 
 def connection_from_args(args: argparse.Namespace) -> Connection:
+    """The Connection the options of ``add_connection_args`` describe (a parser made with
+    ``credentials=False`` gives one without a token or client certificate, whatever the
+    environment holds)."""
+    credentials = hasattr(args, "token_file")
     token = ""
-    if args.token_file:
+    if credentials and args.token_file:
         token = read_token_file(Path(args.token_file))
-    elif os.environ.get(ENV_TOKEN):
+    elif credentials and os.environ.get(ENV_TOKEN):
         token = os.environ[ENV_TOKEN].strip()
-    if bool(args.client_cert) != bool(args.client_key):
+    client_cert = getattr(args, "client_cert", None)
+    client_key = getattr(args, "client_key", None)
+    if bool(client_cert) != bool(client_key):
         raise ConnectError("--client-cert and --client-key go together")
-    if args.insecure and (args.client_cert or args.ca_cert):
+    if args.insecure and (client_cert or args.ca_cert):
         raise ConnectError("--insecure uses no certificates")
     if args.insecure and token:
         print(
@@ -194,8 +208,8 @@ def connection_from_args(args: argparse.Namespace) -> Connection:
         server=args.server,
         ca_cert=Path(args.ca_cert) if args.ca_cert else None,
         token=token,
-        client_cert=Path(args.client_cert) if args.client_cert else None,
-        client_key=Path(args.client_key) if args.client_key else None,
+        client_cert=Path(client_cert) if client_cert else None,
+        client_key=Path(client_key) if client_key else None,
         insecure=args.insecure,
     )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,3 +60,25 @@ def cli_environment(args: tuple[str, ...] | list[str], role: str | None = "auto"
         for k in [k for k in os.environ if k.startswith("ATTESTD_")]:
             del os.environ[k]
         os.environ.update(saved)
+
+
+def run_cli(
+    *args: str, tool: str = "attestd", check: bool = False, role: str | None = "auto"
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed command (beside this interpreter) as a user would.
+
+    Against a test server (``--server`` ADDRESS), the command trusts the server's CA
+    and carries the token of the role its command needs (``role``: "auto", a role, or
+    None for no credential); the agent (tool attestd-agent) never has a token.
+    """
+    exe = Path(sys.executable).parent / tool
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTESTD_")}
+    env.update(cli_env(args, None if tool != "attestd" else role))
+    proc = subprocess.run(
+        [str(exe), *args], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{tool} {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc

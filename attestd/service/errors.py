@@ -96,10 +96,34 @@ def _trailers(exc: BaseException, code: str) -> tuple[tuple[str, str], ...]:
 
 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamHandler = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[Handler], Handler],
+    stream: Callable[[StreamHandler], StreamHandler],
+) -> grpc.RpcMethodHandler | None:
+    """``handler`` with its unary-unary or unary-stream behaviour wrapped (the same
+    (de)serializers); None for a kind attestd's services do not have."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return None
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps exceptions from unary handlers to a status plus ``attestd-code``."""
+    """Maps exceptions from unary and server-streaming handlers to a status plus
+    ``attestd-code``."""
 
     async def intercept_service(
         self,
@@ -107,15 +131,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
         method = handler_call_details.method
-        if handler.unary_stream is not None and not method.startswith(_NOT_OURS):
-            return self._wrap_stream(handler, method)
-        if handler.unary_unary is None:
+        if handler is None or method.startswith(_NOT_OURS):
             return handler
-        inner: Handler = handler.unary_unary
+        wrapped = rewrap(
+            handler,
+            lambda inner: self._unary(inner, method),
+            lambda inner: self._stream(inner, method),
+        )
+        return handler if wrapped is None else wrapped
 
+    @staticmethod
+    def _unary(inner: Handler, method: str) -> Handler:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 return await inner(request, context)
@@ -127,16 +154,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     log.info("%s refused: %s %s", method, status.name, code)
                 await context.abort(status, message, trailing_metadata=_trailers(exc, code))
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrapped
 
     @staticmethod
-    def _wrap_stream(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        inner = handler.unary_stream
-
+    def _stream(inner: StreamHandler, method: str) -> StreamHandler:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 async for item in inner(request, context):
@@ -148,8 +169,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 log.info("%s ended: %s %s", method, status.name, code)
                 await context.abort(status, message, trailing_metadata=_trailers(exc, code))
 
-        return grpc.unary_stream_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrapped

@@ -47,7 +47,7 @@ from attestd.service.access import (
     current_principal,
 )
 from attestd.service.auditing import describe
-from attestd.service.errors import ServiceError, classify
+from attestd.service.errors import Handler, ServiceError, StreamHandler, classify, rewrap
 from attestd.service.ratelimit import RateLimiter, peer_host
 from attestd.service.state import ServiceState
 from attestd.store.base import AuditEvent
@@ -193,10 +193,6 @@ def authorize(method: str, rule: Rule | None, principal: Principal | None, reque
         raise _refuse("a device may act only for itself", "NOT_YOUR_DEVICE", DENIED)
 
 
-Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-StreamHandler = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
-
-
 def claim_audit(state: ServiceState, response: Message) -> AuditEvent | None:
     """The audit record of the call being served, for the servicer to write itself.
 
@@ -244,19 +240,12 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         rule = MATRIX.get(method)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method, rule),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, method, rule),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return None  # attestd has no client-streaming RPCs: anything else is refused
+        # attestd has no client-streaming RPCs: any other kind is refused (None).
+        return rewrap(
+            handler,
+            lambda inner: self._unary(inner, method, rule),
+            lambda inner: self._stream(inner, method, rule),
+        )
 
     def _unary(self, inner: Handler, method: str, rule: Rule | None) -> Handler:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:

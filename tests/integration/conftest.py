@@ -16,9 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +25,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from testclients import CLIENTS, cli_env
+from testclients import CLIENTS, run_cli  # noqa: F401 (re-exported for the tests)
 from tpmsim import Manufacturer, SimTpm
 
 from attestd.agent.client import Agent, AgentConfig, capture_policy
@@ -276,28 +273,6 @@ def rpc_code(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     """(status, attestd-code) of a failed call."""
     assert isinstance(exc, grpc.Call)
     return exc.code(), dict(exc.trailing_metadata() or ()).get("attestd-code", "")
-
-
-def run_cli(
-    *args: str, tool: str = "attestd", check: bool = False, role: str | None = "auto"
-) -> subprocess.CompletedProcess[str]:
-    """Run the installed command (beside this interpreter) as a user would.
-
-    Against a test server (``--server`` ADDRESS), the command trusts the server's CA
-    and carries the token of the role its command needs (``role``: "auto", a role, or
-    None for no credential); the agent (tool attestd-agent) never has a token.
-    """
-    exe = Path(sys.executable).parent / tool
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTESTD_")}
-    env.update(cli_env(args, None if tool != "attestd" else role))
-    proc = subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, env=env, timeout=120, check=False
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{tool} {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
 
 
 def write_yaml(path: Path, doc: dict[str, Any]) -> Path:

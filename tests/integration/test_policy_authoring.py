@@ -18,7 +18,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,7 @@ import grpc
 import pytest
 import yaml
 from google.protobuf.json_format import MessageToDict
-from testclients import cli_env, cli_environment
+from testclients import cli_environment, run_cli
 
 from attestd.agent.tpm import DEFAULT_AK_HANDLE, DeviceTpm, Quote
 from attestd.cli import main as attestd_main
@@ -62,23 +61,6 @@ def rpc_code(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     """(status, attestd-code) of a failed call."""
     assert isinstance(exc, grpc.Call)
     return exc.code(), dict(exc.trailing_metadata() or ()).get("attestd-code", "")
-
-
-def run_cli(
-    *args: str, tool: str = "attestd", check: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """Run the installed command (beside this interpreter) as a user would."""
-    exe = Path(sys.executable).parent / tool
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATTESTD_")}
-    env.update(cli_env(args, "auto" if tool == "attestd" else None))
-    proc = subprocess.run(
-        [str(exe), *args], capture_output=True, text=True, env=env, timeout=120, check=False
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{tool} {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
 
 
 def write_yaml(path: Path, document: dict[str, Any]) -> Path:
