@@ -147,10 +147,10 @@ def _local_call(
     call: Callable[[SqliteStore, ServerConfig, int], Any],
 ) -> Any:
     """Run one admin operation on the local store and audit it as the server would."""
-    from attestd.service.auditing import describe
+    from attestd.service.auditing import audit_event
     from attestd.service.config import ConfigError
     from attestd.service.errors import ServiceError
-    from attestd.store.base import AuditEvent, StoreError
+    from attestd.store.base import StoreError
 
     with _local(args) as (config, store):
         now = _now_ms()
@@ -158,14 +158,12 @@ def _local_call(
             response = call(store, config, now)
         except (ServiceError, StoreError) as e:
             if kind:
-                subject, detail = describe(request, None, e.code)
-                store.append_audit(AuditEvent(now, kind, _actor(), subject, detail))
+                store.append_audit(audit_event(now, kind, _actor(), request, None, e.code))
             raise AdminCliError(f"refused: {e.code}: {e}", EXIT_INVALID) from None
         except (ConfigError, OSError, ValueError) as e:
             raise AdminCliError(str(e)) from None
         if kind:
-            subject, detail = describe(request, response, "ok")
-            store.append_audit(AuditEvent(now, kind, _actor(), subject, detail))
+            store.append_audit(audit_event(now, kind, _actor(), request, response, "ok"))
         return response
 
 

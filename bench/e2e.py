@@ -23,13 +23,19 @@ Fleet sizes: quick, 1 thousand devices; full, 1 thousand, 100 thousand and
 4. measured beside it: the server's peak memory (sum of VmHWM over the
    server's processes), the store's size (attestd.sqlite + -wal), and the
    server's and client's CPU time per request;
-5. the servers are stopped (SIGTERM, by pid) and the data directories removed.
+5. the load sweep: on the smallest fleet's server, the same runs with several
+   numbers of callers (a closed loop: latency grows with callers once the
+   server is saturated), levels in rotated order per round;
+6. the servers are stopped (SIGTERM, by pid) and the data directories removed.
 
 Rates are medians over rounds; latency percentiles are over all rounds pooled.
-Prints a table and merges e2e_attest_per_s, e2e_p50_ms, e2e_p99_ms,
-echo_rpc_per_s (the smallest fleet, i.e. 1 thousand devices), e2e_notes and
-fleet (keyed by device count, this run's sizes only) into build/bench.json,
-keeping other keys.
+Prints the tables and merges into build/bench.json, keeping other keys:
+e2e_attest_per_s, e2e_p50_ms and e2e_p99_ms at the sweep's level with the
+most attestations/s among those with p99 <= 50 ms (the target's "at that
+load"; the highest rate if none is), echo_rpc_per_s (the highest echo rate
+measured on that server at any level), e2e_load_sweep (every level),
+e2e_notes, and fleet (keyed by device count, this run's sizes only, at
+--concurrency callers).
 
 The load generator and the server share this machine's cores (2 here): the
 client's own CPU per request is reported so the figures can be read with that
@@ -236,7 +242,9 @@ def bulk_load(data_dir: Path, n: int, ak_pool: int, timeout: float) -> float:
     return time.monotonic() - t0
 
 
-def run_loadgen(server: Server, data_dir: Path, args: argparse.Namespace, seed: int) -> Any:
+def run_loadgen(
+    server: Server, data_dir: Path, args: argparse.Namespace, seed: int, concurrency: int
+) -> Any:
     cmd = [
         sys.executable,
         str(HERE / "loadgen.py"),
@@ -247,7 +255,7 @@ def run_loadgen(server: Server, data_dir: Path, args: argparse.Namespace, seed: 
         "--fleet",
         str(data_dir / "fleet.json"),
         "--concurrency",
-        str(args.concurrency),
+        str(concurrency),
         "--channels",
         str(args.channels),
         "--echo-seconds",
@@ -287,6 +295,28 @@ def ak_cache_entry_kb() -> tuple[float, int]:
     after = status_kb(os.getpid(), "VmRSS")
     del parsed
     return (after - before) / n, int(cached_public.cache_info().maxsize or 0)
+
+
+def sweep_level(callers: int, runs: list[Any]) -> dict[str, Any]:
+    """One level of the load sweep: rates are medians over rounds, latencies pooled."""
+    att = [x for r in runs for x in r["raw_ms"]["attest"]]
+    echo = [x for r in runs for x in r["raw_ms"]["echo"]]
+    count = sum(r["attest"]["count"] for r in runs)
+    srv = sum(r["attest"]["server_cpu_us_per_attestation"] * r["attest"]["count"] for r in runs)
+    cli = sum(r["attest"]["client_cpu_us_per_attestation"] * r["attest"]["count"] for r in runs)
+    return {
+        "callers": callers,
+        "e2e_attest_per_s": round(statistics.median(r["attest"]["per_s"] for r in runs), 1),
+        "e2e_p50_ms": pct(att, 50),
+        "e2e_p99_ms": pct(att, 99),
+        "echo_rpc_per_s": round(statistics.median(r["echo"]["per_s"] for r in runs), 1),
+        "echo_p99_ms": pct(echo, 99),
+        "server_cpu_us_per_attestation": round(srv / count, 1),
+        "client_cpu_us_per_attestation": round(cli / count, 1),
+        "attestations": count,
+        "attestation_failures": sum(r["attest"]["failures"] for r in runs),
+        "rounds": len(runs),
+    }
 
 
 def aggregate(n: int, runs: list[Any], workers: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -349,7 +379,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, help="interleaved rounds (default by mode)")
     p.add_argument("--out", default=str(REPO / "build" / "bench.json"))
     p.add_argument("--workdir", default=str(REPO / "build" / "e2e"))
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=16, help="callers for the fleet-size rounds")
+    p.add_argument(
+        "--sweep",
+        help="comma-separated caller counts of the load sweep on the smallest fleet"
+        " (default by mode)",
+    )
+    p.add_argument("--sweep-rounds", type=int, help="rounds of the load sweep (default by mode)")
     p.add_argument(
         "--channels",
         type=int,
@@ -363,14 +399,17 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="do not touch build/bench.json")
     args = p.parse_args()
     if args.quick:
-        sizes, rounds = [1000], 2
+        sizes, rounds, levels, sweep_rounds = [1000], 1, [4, 16], 1
         args.echo_seconds, args.attest_seconds, args.warmup, args.working_set = 2, 4, 1, 1000
     else:
-        sizes, rounds = [1000, 100_000, 1_000_000], 3
+        sizes, rounds, levels, sweep_rounds = [1000, 100_000, 1_000_000], 3, [4, 8, 16, 32], 2
         args.echo_seconds, args.attest_seconds, args.warmup, args.working_set = 5, 10, 2, 50_000
     if args.sizes:
         sizes = [int(s) for s in args.sizes.split(",")]
+    if args.sweep:
+        levels = [int(c) for c in args.sweep.split(",")]
     rounds = args.rounds or rounds
+    sweep_rounds = args.sweep_rounds if args.sweep_rounds is not None else sweep_rounds
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -391,6 +430,8 @@ def main() -> None:
     tls = init_tls(workdir / "tls", ["127.0.0.1"])
     servers: dict[int, Server] = {}
     runs: dict[int, list[Any]] = {n: [] for n in sizes}
+    base_n = min(sizes)
+    sweep: dict[int, list[Any]] = {c: [] for c in levels}
     try:
         for n in sizes:
             servers[n] = Server(dirs[n], workers if workers_flag else None, tls)
@@ -404,7 +445,23 @@ def main() -> None:
                 n = sizes[(r + k) % len(sizes)]
                 print(f"-- round {r + 1}/{rounds}: {n:,} devices", file=sys.stderr, flush=True)
                 load_avg.append(os.getloadavg()[0])
-                runs[n].append(run_loadgen(servers[n], dirs[n], args, seed=r + 1))
+                runs[n].append(
+                    run_loadgen(servers[n], dirs[n], args, seed=r + 1, concurrency=args.concurrency)
+                )
+        # The load sweep on the smallest fleet: callers in a closed loop at each level,
+        # levels in rotated order per round (so background load falls on all alike).
+        for r in range(sweep_rounds):
+            for k in range(len(levels)):
+                c = levels[(r + k) % len(levels)]
+                print(
+                    f"-- load sweep {r + 1}/{sweep_rounds}: {c} callers, {base_n:,} devices",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                load_avg.append(os.getloadavg()[0])
+                sweep[c].append(
+                    run_loadgen(servers[base_n], dirs[base_n], args, seed=100 + r, concurrency=c)
+                )
         for n in sizes:
             pid = servers[n].proc.pid
             peak, per_process = memory_mb(pid, "VmHWM")
@@ -439,6 +496,18 @@ def main() -> None:
 
     base = results[min(sizes)]
     top = results[max(sizes)]
+    # (b) at the load the target names: of the sweep's levels whose p99 is within the
+    # bound, the one with the most attestations/s; compared with the highest echo rate
+    # seen on that server at any level (echo saturates: the harder comparison).
+    swept = {c: sweep_level(c, sweep[c]) for c in levels if sweep[c]}
+    echo_max = max([base["echo_rpc_per_s"], *(level["echo_rpc_per_s"] for level in swept.values())])
+    within = [c for c, level in swept.items() if level["e2e_p99_ms"] <= TARGETS["p99_ms"]]
+    if swept:
+        pick = max(within or list(swept), key=lambda c: swept[c]["e2e_attest_per_s"])
+        head = swept[pick]
+    else:  # no sweep asked for: the fleet rounds' figures
+        pick, head = args.concurrency, base
+    head_ratio = round(head["e2e_attest_per_s"] / echo_max, 3)
     notes: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "concurrency": args.concurrency,
@@ -466,9 +535,16 @@ def main() -> None:
     }
     if entry_kb:
         notes["ak_cache"] = {"entry_kb": round(entry_kb, 2), "entries_per_worker": cache_size}
+    notes["headline"] = {
+        "callers": pick,
+        "rule": "of the load sweep's levels (callers in a closed loop) whose p99 <= 50 ms, the"
+        " one with the most attestations/s (the highest rate if none is within 50 ms);"
+        " echo_rpc_per_s is the highest echo rate measured on the same server at any level",
+        "attest_vs_echo": head_ratio,
+    }
     targets = {
-        "attest_vs_echo>=0.40": base["attest_vs_echo"] >= TARGETS["attest_vs_echo"],
-        "p99<=50ms": base["e2e_p99_ms"] <= TARGETS["p99_ms"],
+        "attest_vs_echo>=0.40": head_ratio >= TARGETS["attest_vs_echo"],
+        "p99<=50ms": head["e2e_p99_ms"] <= TARGETS["p99_ms"],
     }
     if len(sizes) > 1:
         ratio = top["e2e_p50_ms"] / base["e2e_p50_ms"]
@@ -500,8 +576,25 @@ def main() -> None:
             f" {r['server_cpu_us_per_attestation']:10.0f} {r['server_cpu_us_per_echo']:11.0f}"
             f" {r['server_peak_rss_mb']:8.1f} {r['store_bytes'] / 1e6:9.1f} {r['bulk_load_s']:7.1f}"
         )
+    if swept:
+        print(f"load sweep on {base_n:,} devices ({sweep_rounds} round(s) per level):")
+        print(
+            f"{'callers':>9} {'att/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'echo/s':>7}"
+            f" {'srv µs/att':>10}"
+        )
+        for c, level in swept.items():
+            print(
+                f"{c:9d} {level['e2e_attest_per_s']:7.0f} {level['e2e_p50_ms']:7.1f}"
+                f" {level['e2e_p99_ms']:7.1f} {level['echo_rpc_per_s']:7.0f}"
+                f" {level['server_cpu_us_per_attestation']:10.0f}"
+            )
+        print(
+            f"headline: {head['e2e_attest_per_s']:.0f} attestations/s at {pick} callers"
+            f" (p50 {head['e2e_p50_ms']:.1f} ms, p99 {head['e2e_p99_ms']:.1f} ms) vs"
+            f" {echo_max:.0f} echo/s: {head_ratio:.2f}"
+        )
     print(
-        f"concurrency {args.concurrency}, server workers {notes['server_workers']},"
+        f"fleet rounds: {args.concurrency} callers, server workers {notes['server_workers']},"
         f" {rounds} interleaved rounds, load average {min(load_avg):.1f}-{max(load_avg):.1f};"
         " targets:"
     )
@@ -513,10 +606,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(out.read_text()) if out.exists() else {}
-    doc["e2e_attest_per_s"] = base["e2e_attest_per_s"]
-    doc["e2e_p50_ms"] = base["e2e_p50_ms"]
-    doc["e2e_p99_ms"] = base["e2e_p99_ms"]
-    doc["echo_rpc_per_s"] = base["echo_rpc_per_s"]
+    doc["e2e_attest_per_s"] = head["e2e_attest_per_s"]
+    doc["e2e_p50_ms"] = head["e2e_p50_ms"]
+    doc["e2e_p99_ms"] = head["e2e_p99_ms"]
+    doc["echo_rpc_per_s"] = echo_max
+    doc["e2e_load_sweep"] = {str(c): level for c, level in swept.items()}
     doc["e2e_notes"] = notes
     # This run's sizes only: figures from different runs are never mixed.
     doc["fleet"] = {str(n): r for n, r in results.items()}

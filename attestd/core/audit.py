@@ -126,18 +126,50 @@ def _canonical(value: Any) -> str:
     )
 
 
+_JSON_SCALARS = (str, bool, int)
+
+
 def _check_json_value(value: Any) -> None:
     """Only str/int/bool/None/list/dict (str keys), bounded depth; iterative, no recursion.
 
     Floats are refused: their text form differs between JSON libraries, so a
-    hash over them would not be recomputable everywhere.
+    hash over them would not be recomputable everywhere. (One pass without paths; a
+    value that fails is walked again by _explain_json_value to name where.)
     """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    push = stack.append
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DETAIL_DEPTH:
+            break
+        if item is None or isinstance(item, _JSON_SCALARS):
+            continue
+        if isinstance(item, list):
+            stack.extend([(v, depth + 1) for v in item])
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if not isinstance(k, str):
+                    break
+                push((v, depth + 1))
+            else:
+                continue
+            break
+        else:
+            break
+    else:
+        return
+    _explain_json_value(value)
+    raise ValueError("detail: not a JSON value attestd can hash")  # unreachable
+
+
+def _explain_json_value(value: Any) -> None:
+    """The same rules as _check_json_value, raising ValueError that names the path."""
     stack: list[tuple[Any, int, str]] = [(value, 0, "detail")]
     while stack:
         item, depth, where = stack.pop()
         if depth > MAX_DETAIL_DEPTH:
             raise ValueError(f"{where}: nested deeper than {MAX_DETAIL_DEPTH}")
-        if item is None or isinstance(item, str | bool | int):
+        if item is None or isinstance(item, _JSON_SCALARS):
             continue
         if isinstance(item, list):
             stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(item))

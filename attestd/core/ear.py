@@ -99,14 +99,31 @@ def issue_credential(
     return Credential(sign_jwt(claims, key), claims, (now_s + lifetime_s) * 1000)
 
 
-def sign_jwt(claims: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> str:
+# Encoded JWT headers per signing key: id(key) -> (key, header). The key is held so its
+# id cannot be reused by another object; a handful of keys per process (rotations).
+_HEADERS: dict[int, tuple[ec.EllipticCurvePrivateKey, str]] = {}
+_ES256 = ec.ECDSA(hashes.SHA256())
+
+
+def _header(key: ec.EllipticCurvePrivateKey) -> str:
+    held = _HEADERS.get(id(key))
+    if held is not None and held[0] is key:
+        return held[1]
     header = {"alg": "ES256", "typ": "JWT", "kid": key_id(key.public_key())}
+    encoded = b64url(json.dumps(header, separators=(",", ":")).encode())
+    if len(_HEADERS) >= 64:
+        _HEADERS.clear()
+    _HEADERS[id(key)] = (key, encoded)
+    return encoded
+
+
+def sign_jwt(claims: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> str:
     signing_input = (
-        b64url(json.dumps(header, separators=(",", ":")).encode())
+        _header(key)
         + "."
         + b64url(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
     )
-    der = key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
+    der = key.sign(signing_input.encode(), _ES256)
     r, s = decode_dss_signature(der)
     return signing_input + "." + b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 

@@ -59,7 +59,7 @@ current_peer: contextvars.ContextVar[str] = contextvars.ContextVar("attestd_peer
 
 @dataclass
 class AuditSlot:
-    """The audit record owed for the call being served (see security.claim_audit)."""
+    """The audit record owed for the call being served (see security.claimed_audit)."""
 
     kind: str
     request: Any

@@ -29,7 +29,7 @@ from attestd.core.verdict import (
 from attestd.service.config import ServerConfig
 from attestd.service.effective import effective_policy_in_store
 from attestd.service.errors import ServiceError
-from attestd.service.security import claim_audit
+from attestd.service.security import claimed_audit
 from attestd.service.state import ServiceState, cached_public
 from attestd.store.base import (
     AttestationRecord,
@@ -37,6 +37,7 @@ from attestd.store.base import (
     Device,
     DeviceStatus,
     NonceGrant,
+    NonceUse,
     PolicyRecord,
     Store,
 )
@@ -152,12 +153,9 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             )
         store = self.s.store.store
         now_ms = self.s.now_ms()
+        nonce_hash = hashlib.sha256(request.nonce).digest()
         device, grant, policy, status = await self.s.store.fast(
-            _attestation_context,
-            self.s,
-            request.device_id,
-            hashlib.sha256(request.nonce).digest(),
-            now_ms,
+            _attestation_context, self.s, request.device_id, nonce_hash, now_ms
         )
         previous = ClockState(**device.clock) if device.clock else None
         appraisal = appraise_quote(
@@ -197,18 +195,21 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
             response.credential = issued.token
             response.credential_expires_at_ms = issued.record.expires_at_ms
             response.client_certificate = issued.certificate
-        await self.s.store.fast(
-            store.record_attestation,
-            _record(
-                device.device_id,
-                verdict,
-                appraisal,
-                bytes(request.event_log),
-                issued.record if issued else None,
-            ),
-            _clock_dict(appraisal.accepted_clock),
-            claim_audit(self.s, response),
+        record = _record(
+            device.device_id,
+            verdict,
+            appraisal,
+            bytes(request.event_log),
+            issued.record if issued else None,
         )
+        with claimed_audit(self.s, response) as audit:
+            await self.s.store.fast(
+                store.record_attestation,
+                record,
+                _clock_dict(appraisal.accepted_clock),
+                audit,
+                NonceUse(nonce_hash, now_ms),
+            )
         self.s.notify()
         log.info(
             "attestation device=%s status=%s failures=%s",
@@ -286,12 +287,12 @@ def _grant_nonce(
 def _attestation_context(
     state: ServiceState, device_id: str, nonce_hash: bytes, now_ms: int
 ) -> tuple[Device, NonceGrant, Policy, DeviceStatus]:
-    """On the store thread, in one hand-off: the device, its nonce consumed (unknown
-    devices are refused before a nonce is spent), the policy the nonce pinned (parsed
-    once per version), the device's revocation status."""
+    """In one store hand-off: the device, its nonce's grant (checked usable here, spent
+    with the verdict's record), the policy the nonce pinned (parsed once per version),
+    the device's revocation status."""
     store = state.store.store
     device = store.get_device(device_id)
-    grant = store.consume_nonce(nonce_hash, device_id, now_ms)
+    grant = store.check_nonce(nonce_hash, device_id, now_ms)
     policy = state.cached_policy(grant.policy_name, grant.policy_version)
     if policy is None:
         policy = state.policy_of(store.get_policy(grant.policy_name, grant.policy_version))

@@ -10,14 +10,13 @@ quote it was without copying it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from typing import Any
 
 from google.protobuf.message import Message
 
-from attestd.core.audit import MAX_DETAIL_BYTES, sign_checkpoint
-from attestd.store.base import Store
+from attestd.core.audit import MAX_DETAIL_BYTES, canonical_detail, sign_checkpoint
+from attestd.store.base import AuditEvent, Store
 
 log = logging.getLogger("attestd.audit")
 
@@ -96,22 +95,35 @@ def subject_of(request: Message, response: Message | None) -> str:
     return ""
 
 
-def describe(
-    request: Message, response: Message | None, outcome: str
-) -> tuple[str, dict[str, Any]]:
-    """(subject, detail) of a call; ``outcome`` is "ok" or the refusal's reason code."""
+def audit_event(
+    at_ms: int,
+    kind: str,
+    actor: str,
+    request: Message,
+    response: Message | None,
+    outcome: str,
+) -> AuditEvent:
+    """The audit record of a call, its detail already in canonical JSON (made once here).
+
+    ``outcome`` is "ok" or the refusal's reason code. A detail too large for a small
+    record (or with a value JSON cannot carry) records the messages' digests instead.
+    """
     detail: dict[str, Any] = {"outcome": outcome, "request": scrub(request)}
     if response is not None:
         detail["result"] = scrub(response)
-    text = json.dumps(detail, sort_keys=True, default=str)
-    if len(text.encode()) > MAX_DETAIL_BYTES // 2:  # keep records small: digests instead
+    try:
+        text = canonical_detail(detail)
+    except ValueError:
+        text = ""
+    if not text or len(text.encode()) > MAX_DETAIL_BYTES // 2:  # small records: digests instead
         detail = {
             "outcome": outcome,
             "request": digest_of(request.SerializeToString(deterministic=True)),
         }
         if response is not None:
             detail["result"] = digest_of(response.SerializeToString(deterministic=True))
-    return subject_of(request, response), detail
+        text = canonical_detail(detail)
+    return AuditEvent(at_ms, kind, actor, subject_of(request, response), detail, text)
 
 
 def checkpoint_if_due(

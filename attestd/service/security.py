@@ -20,13 +20,14 @@ to the audit log with the caller and the outcome.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -46,7 +47,7 @@ from attestd.service.access import (
     current_peer,
     current_principal,
 )
-from attestd.service.auditing import describe
+from attestd.service.auditing import audit_event
 from attestd.service.errors import Handler, ServiceError, StreamHandler, classify, rewrap
 from attestd.service.ratelimit import RateLimiter, peer_host
 from attestd.service.state import ServiceState
@@ -193,20 +194,26 @@ def authorize(method: str, rule: Rule | None, principal: Principal | None, reque
         raise _refuse("a device may act only for itself", "NOT_YOUR_DEVICE", DENIED)
 
 
-def claim_audit(state: ServiceState, response: Message) -> AuditEvent | None:
+@contextlib.contextmanager
+def claimed_audit(state: ServiceState, response: Message) -> Iterator[AuditEvent | None]:
     """The audit record of the call being served, for the servicer to write itself.
 
     A servicer that writes its result in one store transaction (Attest) appends the
     record there too: one transaction instead of two, and the record cannot be lost
-    between them. The interceptor then writes nothing more for the call (a refusal
-    raised later is still audited by the interceptor only if nothing was claimed).
+    between them. The interceptor then writes nothing more for the call. If the block
+    fails (the transaction refused: say, the nonce was spent by a racing call), the
+    record is handed back and the interceptor records the refusal as for any call.
     """
     slot = current_audit.get()
     if slot is None or slot.claimed:
-        return None
+        yield None
+        return
     slot.claimed = True
-    subject, detail = describe(slot.request, response, "ok")
-    return AuditEvent(state.now_ms(), slot.kind, current_actor(), subject, detail)
+    try:
+        yield audit_event(state.now_ms(), slot.kind, current_actor(), slot.request, response, "ok")
+    except BaseException:
+        slot.claimed = False
+        raise
 
 
 class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -352,8 +359,7 @@ class SecurityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _audit(
         self, kind: str, request: Message, response: Message | None, outcome: str
     ) -> None:
-        subject, detail = describe(request, response, outcome)
-        event = AuditEvent(self.s.now_ms(), kind, current_actor(), subject, detail)
+        event = audit_event(self.s.now_ms(), kind, current_actor(), request, response, outcome)
         try:
             await self.s.store(self.s.store.store.append_audit, event)
         except Exception:

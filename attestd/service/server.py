@@ -9,7 +9,8 @@ kernel spreads connections over them). The parent binds nothing: it creates
 what the workers share (data directory, keys, CA, store schema), starts them
 ("spawn"), forwards SIGTERM/SIGINT, and if one dies unexpectedly stops the
 others and fails. They share the SQLite store (WAL); worker 0 alone runs the
-expiry and retention sweep, and every worker reloads the signing keys when
+expiry and retention sweep and copies the WAL into the database file (no
+worker's commit does that itself), and every worker reloads the signing keys when
 another one rotates them.
 """
 
@@ -83,6 +84,10 @@ SERVICE_NAMES = (
 EXPIRY_SWEEP_S = 1.0
 RETENTION_EVERY = 60  # expiry sweeps between retention passes (more often while behind)
 KEYRING_REFRESH_S = 1.0
+# How often the sweeping process copies the store's WAL into the database file, and the
+# WAL's length (pages) beyond which it is checkpointed in full and started again.
+WAL_CHECKPOINT_S = 0.25
+WAL_RESTART_PAGES = 2000
 WORKER_STOP_S = 15.0  # after this long a stopping worker is killed
 
 
@@ -160,6 +165,21 @@ def _keyring_stamp(index: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+async def checkpoint_wal(state: ServiceState) -> None:
+    """Copy the store's WAL into its database file every WAL_CHECKPOINT_S, on a thread
+    of its own (a checkpoint syncs the file; commits on the event loop then never do).
+    Runs in the sweeping process; the others' commits leave checkpoints to it."""
+    checkpoint = getattr(state.store.store, "checkpoint", None)
+    if checkpoint is None:
+        return
+    while True:
+        await asyncio.sleep(WAL_CHECKPOINT_S)
+        try:
+            await asyncio.to_thread(checkpoint, WAL_RESTART_PAGES)
+        except Exception:  # busy or briefly unavailable: again next tick
+            log.debug("WAL checkpoint failed", exc_info=True)
+
+
 async def refresh_keyring(state: ServiceState) -> None:
     """Reload the signing keys when keys.json changes (another worker rotated them).
 
@@ -207,8 +227,8 @@ async def create_server(
 
     ``reuse_port``: share the port with other processes (the workers of one server);
     without it, a port already in use is an error. ``sweep``: run the expiry and
-    retention sweep (one process of several). ``refresh_keys``: follow key rotations
-    made by other processes.
+    retention sweep and the store's WAL checkpoints (one process of several).
+    ``refresh_keys``: follow key rotations made by other processes.
     """
     check_tls(config)
     prepare_data_dir(config.data_dir)
@@ -221,11 +241,13 @@ async def create_server(
     keyring = SigningKeyring(config.data_dir, config.credential_lifetime_s, now_ms)
     ca = IssuingCA(config.data_dir, config.issuing_ca_cert, config.issuing_ca_key)
     client_ca = client_ca_of(config)
+    store = SqliteStore(config.store_path, history_per_device=config.history_per_device)
+    # Commits never copy the WAL into the database file themselves: the sweeping process
+    # does that on a thread of its own (checkpoint_wal).
+    store.checkpoint_inline(False)
     state = ServiceState(
         config=config,
-        store=StoreRunner(
-            SqliteStore(config.store_path, history_per_device=config.history_per_device)
-        ),
+        store=StoreRunner(store),
         ek_roots=roots,
         ek_intermediates=intermediates,
         keyring=keyring,
@@ -274,6 +296,8 @@ async def create_server(
             config.data_dir,
         )
     tasks = [asyncio.create_task(refresh_keyring(state))] if refresh_keys else []
+    if sweep:
+        tasks.append(asyncio.create_task(checkpoint_wal(state)))
     sweeper = asyncio.create_task(sweep_expiries(state)) if sweep else None
     return RunningServer(server, port, state, sweeper, tasks, mtls_port)
 

@@ -38,12 +38,23 @@ class StoreRunner:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attestd-store")
         self._lock = threading.Lock()
-        self._no_wait: Callable[[], contextlib.AbstractContextManager[Callable[[], bool]]] | None
-        self._no_wait = getattr(store, "no_wait", None)
+        # A store that can refuse to wait (SQLite): calls on the event loop never wait for
+        # another process's lock; only the thread's calls do (the setting is switched
+        # there, not on every fast call).
+        self._set_waiting: Callable[[bool], None] | None = getattr(store, "set_waiting", None)
+        self._changes: Callable[[], int] | None = getattr(store, "changes", None)
+        if self._set_waiting is not None:
+            self._set_waiting(False)
 
     def _locked(self, fn: Callable[[], T]) -> T:
         with self._lock:
-            return fn()
+            if self._set_waiting is None:
+                return fn()
+            self._set_waiting(True)
+            try:
+                return fn()
+            finally:
+                self._set_waiting(False)
 
     async def __call__(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
@@ -51,14 +62,14 @@ class StoreRunner:
         return await loop.run_in_executor(self._pool, self._locked, call)
 
     async def fast(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
-        if self._no_wait is not None and self._lock.acquire(blocking=False):
+        if self._changes is not None and self._lock.acquire(blocking=False):
             try:
-                with self._no_wait() as changed:
-                    try:
-                        return fn(*args, **kwargs)
-                    except StoreBusy:
-                        if changed():  # it wrote before it had to wait: not repeatable
-                            raise StoreUnavailable("store busy; retry") from None
+                before = self._changes()
+                try:
+                    return fn(*args, **kwargs)
+                except StoreBusy:
+                    if self._changes() != before:  # it wrote before it had to wait
+                        raise StoreUnavailable("store busy; retry") from None
                 # Another process is writing and nothing was changed: wait on the thread.
             finally:
                 self._lock.release()

@@ -3,8 +3,8 @@
 Narrow on purpose, and free of SQLite-only assumptions, so a PostgreSQL
 implementation can sit behind it for several replicas sharing a database.
 The operations that must be atomic across replicas are single methods here
-(``consume_nonce``, ``consume_challenge``, ``activate_device``,
-``put_policy``, ``record_attestation``), never read-then-write sequences in
+(``record_attestation`` spending its nonce, ``consume_challenge``, ``activate_device``,
+``put_policy``), never read-then-write sequences in
 the caller.
 """
 
@@ -84,6 +84,14 @@ class NonceGrant:
     expires_at_ms: int
     policy_name: str
     policy_version: int
+
+
+@dataclass(frozen=True)
+class NonceUse:
+    """A nonce being spent: its SHA-256 (only hashes are stored) and the time of use."""
+
+    nonce_hash: bytes
+    now_ms: int
 
 
 @dataclass(frozen=True)
@@ -228,6 +236,9 @@ class AuditEvent:
     actor: str
     subject: str
     detail: dict[str, Any]
+    # The detail's canonical JSON (core.audit.canonical_detail), when the caller already
+    # made it; the store makes it otherwise.
+    detail_json: str = ""
 
 
 class Store(Protocol):
@@ -243,15 +254,19 @@ class Store(Protocol):
     def put_nonce(
         self, nonce_hash: bytes, grant: NonceGrant, now_ms: int = 0, max_outstanding: int = 0
     ) -> None: ...
-    def consume_nonce(self, nonce_hash: bytes, device_id: str, now_ms: int) -> NonceGrant: ...
+    # A nonce the device may still use (read only; Rejected with the reason otherwise).
+    def check_nonce(self, nonce_hash: bytes, device_id: str, now_ms: int) -> NonceGrant: ...
 
     # Attestations.
-    # With ``audit``: its audit record is appended in the same transaction.
+    # With ``audit``: its audit record is appended in the same transaction. With
+    # ``nonce``: the nonce is spent in it, exactly once (Rejected, nothing recorded, if it
+    # is no longer usable: another caller spent it first, or it expired).
     def record_attestation(
         self,
         record: AttestationRecord,
         accepted_clock: dict[str, int] | None,
         audit: AuditEvent | None = None,
+        nonce: NonceUse | None = None,
     ) -> int: ...
     def latest_attestation(self, device_id: str) -> AttestationRecord | None: ...
     # Only the newest rows of each device are kept (how many is the store's setting);

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from attestd.core.audit import canonical_detail
 from attestd.store.base import (
     AttestationCounts,
     AttestationRecord,
@@ -38,6 +40,7 @@ from attestd.store.base import (
     Evidence,
     GroupRecord,
     NonceGrant,
+    NonceUse,
     NotFound,
     PolicyRecord,
     Rejected,
@@ -57,6 +60,13 @@ BUSY_TIMEOUT_S = 10.0
 DEFAULT_HISTORY_PER_DEVICE = 100
 # Rows deleted per table and ``prune`` call: the write lock is never held for long.
 PRUNE_BATCH = 5000
+# SQLite's own setting: a commit that finds this many pages in the WAL copies them into
+# the database file (and syncs it) before it returns.
+INLINE_CHECKPOINT_PAGES = 1000
+# The WAL file is cut back to this size when it starts again from its beginning.
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+# How long a full checkpoint (checkpoint(restart_above=...)) may hold new writes back.
+CHECKPOINT_WAIT_S = 0.2
 # Expired nonces and challenges are kept this long (a late reply reads as expired or
 # used, not unknown); long-expired credential records longer (VerifyCredential says
 # EXPIRED rather than UNKNOWN_CREDENTIAL for a week).
@@ -222,9 +232,13 @@ class SqliteStore(SecurityTables):
                 check_same_thread=False,
             )
             self.db = sqlite_utils.Database(conn)
+            self._busy_ms = int(BUSY_TIMEOUT_S * 1000)
             self.db.enable_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+            self._checkpointer: sqlite3.Connection | None = None
+            self._checkpoint_lock = threading.Lock()
             for table, (columns, pk) in (_SCHEMA | SECURITY_SCHEMA).items():
                 t = self.db.table(table)
                 t.create(columns, pk=pk, if_not_exists=True)
@@ -236,7 +250,13 @@ class SqliteStore(SecurityTables):
             self.db["attestations"].create_index(["device_id", "id"], if_not_exists=True)  # type: ignore[union-attr]
             for table in ("nonces", "challenges", "credentials"):  # for pruning by expiry
                 self.db[table].create_index(["expires_at_ms"], if_not_exists=True)  # type: ignore[union-attr]
-            self.db["nonces"].create_index(["device_id", "expires_at_ms"], if_not_exists=True)  # type: ignore[union-attr]
+            # A device's outstanding nonces only (put_nonce retires the oldest beyond the
+            # cap): spent ones leave it, so the look-up reads at most the cap's worth.
+            self.db.execute("DROP INDEX IF EXISTS idx_nonces_device_id_expires_at_ms")
+            self.db.execute(
+                "CREATE INDEX IF NOT EXISTS idx_nonces_outstanding"
+                " ON nonces (device_id, expires_at_ms) WHERE used_at_ms IS NULL"
+            )
             create_security_indexes(self.db)
             self._create_counts()
         except (OSError, sqlite3.Error) as e:
@@ -289,21 +309,63 @@ class SqliteStore(SecurityTables):
         except sqlite3.Error as e:
             raise _unavailable(e) from None
 
-    @contextmanager
-    def no_wait(self) -> Iterator[Callable[[], bool]]:
-        """Within: a write that would wait for another process's lock raises StoreBusy
-        at once instead of waiting up to the busy timeout (for callers on an event loop,
-        which then hand the call to a thread). Yields ``changed()``: whether anything was
-        written since (a call that wrote must not be repeated)."""
-        conn = self.db.conn
-        before = conn.total_changes
-        conn.execute("PRAGMA busy_timeout = 0")
-        try:
-            yield lambda: conn.total_changes != before
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    def set_waiting(self, wait: bool) -> None:
+        """Whether a write waits (up to BUSY_TIMEOUT_S) for another process's write lock,
+        or raises StoreBusy at once. A StoreRunner keeps its store not waiting for the
+        calls it runs on the event loop, and lets it wait only on its thread."""
+        ms = int(BUSY_TIMEOUT_S * 1000) if wait else 0
+        if ms != self._busy_ms:
+            self.db.conn.execute(f"PRAGMA busy_timeout = {ms}")
+            self._busy_ms = ms
+
+    def changes(self) -> int:
+        """Rows changed through this connection so far (tells whether a call wrote)."""
+        return self.db.conn.total_changes
+
+    def checkpoint_inline(self, inline: bool) -> None:
+        """Whether this connection's commits copy the WAL into the database file when it
+        has grown (SQLite's default), or leave that to ``checkpoint`` (a server does: a
+        checkpoint syncs the file, and a commit runs on the event loop)."""
+        pages = INLINE_CHECKPOINT_PAGES if inline else 0
+        self.db.conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+
+    def checkpoint(self, restart_above: int = 0) -> tuple[int, int]:
+        """Copy committed WAL pages into the database file, without waiting for or
+        blocking readers and writers (PASSIVE). It has its own connection, so any thread
+        may run it while the store's connection serves. (pages in the WAL, pages copied)
+
+        Under a steady stream of commits a passive checkpoint never catches up with the
+        newest page, and the WAL only ever grows. With ``restart_above``, a WAL longer
+        than that many pages is then checkpointed in full and started again from its
+        beginning (RESTART): new writes wait meanwhile, at most CHECKPOINT_WAIT_S (most
+        was just copied, so little is left to do), and a try that runs out of time is
+        simply repeated at a later call.
+        """
+        with self._checkpoint_lock:
+            if self._checkpointer is None:
+                self._checkpointer = sqlite3.connect(
+                    str(self.path),
+                    timeout=CHECKPOINT_WAIT_S,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            try:
+                _, wal, copied = self._checkpointer.execute(
+                    "PRAGMA wal_checkpoint(PASSIVE)"
+                ).fetchone()
+                if restart_above and wal > restart_above:
+                    _, wal, copied = self._checkpointer.execute(
+                        "PRAGMA wal_checkpoint(RESTART)"
+                    ).fetchone()
+            except sqlite3.Error as e:
+                raise _unavailable(e) from None
+        return int(wal), int(copied)
 
     def close(self) -> None:
+        with self._checkpoint_lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
         self.db.conn.close()
 
     # -- enrollment ------------------------------------------------------
@@ -471,34 +533,53 @@ class SqliteStore(SecurityTables):
 
         self._run(go)
 
-    def consume_nonce(self, nonce_hash: bytes, device_id: str, now_ms: int) -> NonceGrant:
+    def check_nonce(self, nonce_hash: bytes, device_id: str, now_ms: int) -> NonceGrant:
+        """The grant of a nonce this device may still use (nothing is changed: the nonce is
+        spent by the record_attestation that carries it); Rejected, with why, otherwise."""
+
         def go() -> NonceGrant:
             row = self.db.execute(
-                "UPDATE nonces SET used_at_ms = ? WHERE nonce_hash = ? AND device_id = ?"
-                " AND used_at_ms IS NULL AND expires_at_ms > ?"
-                " RETURNING device_id, expires_at_ms, policy_name, policy_version",
-                (now_ms, nonce_hash, device_id, now_ms),
+                "SELECT device_id, expires_at_ms, policy_name, policy_version FROM nonces"
+                " WHERE nonce_hash = ? AND device_id = ? AND used_at_ms IS NULL"
+                " AND expires_at_ms > ?",
+                (nonce_hash, device_id, now_ms),
             ).fetchone()
-            if row is not None:
-                return NonceGrant(*row)
-            prior = self.db.execute(
-                "SELECT device_id, used_at_ms FROM nonces WHERE nonce_hash = ?", (nonce_hash,)
-            ).fetchone()
-            if prior is None:
-                raise Rejected("this nonce was not issued by this server", "NONCE_UNKNOWN")
-            if prior[0] != device_id:
-                raise Rejected("this nonce was issued to another device", "NONCE_WRONG_DEVICE")
-            if prior[1] == 0:
-                raise Rejected(
-                    "this nonce was retired: newer nonces were issued for the device beyond"
-                    " its limit of outstanding nonces; ask for a new one",
-                    "NONCE_RETIRED",
-                )
-            if prior[1] is not None:
-                raise Rejected("this nonce was already used", "NONCE_REUSED")
-            raise Rejected("this nonce has expired; ask for a new one", "NONCE_EXPIRED")
+            if row is None:
+                raise self._nonce_refusal(nonce_hash, device_id)
+            return NonceGrant(*row)
 
         return self._run(go)
+
+    def _spend_nonce(
+        self, c: sqlite3.Connection, nonce_hash: bytes, device_id: str, now_ms: int
+    ) -> None:
+        """Mark the nonce used, exactly once however many callers race for it."""
+        spent = c.execute(
+            "UPDATE nonces SET used_at_ms = ? WHERE nonce_hash = ? AND device_id = ?"
+            " AND used_at_ms IS NULL AND expires_at_ms > ?",
+            (now_ms, nonce_hash, device_id, now_ms),
+        ).rowcount
+        if spent != 1:
+            raise self._nonce_refusal(nonce_hash, device_id)
+
+    def _nonce_refusal(self, nonce_hash: bytes, device_id: str) -> Rejected:
+        """Why a nonce cannot be used (it was not found usable for ``device_id``)."""
+        prior = self.db.execute(
+            "SELECT device_id, used_at_ms FROM nonces WHERE nonce_hash = ?", (nonce_hash,)
+        ).fetchone()
+        if prior is None:
+            return Rejected("this nonce was not issued by this server", "NONCE_UNKNOWN")
+        if prior[0] != device_id:
+            return Rejected("this nonce was issued to another device", "NONCE_WRONG_DEVICE")
+        if prior[1] == 0:
+            return Rejected(
+                "this nonce was retired: newer nonces were issued for the device beyond"
+                " its limit of outstanding nonces; ask for a new one",
+                "NONCE_RETIRED",
+            )
+        if prior[1] is not None:
+            return Rejected("this nonce was already used", "NONCE_REUSED")
+        return Rejected("this nonce has expired; ask for a new one", "NONCE_EXPIRED")
 
     # -- attestations ----------------------------------------------------
 
@@ -507,11 +588,18 @@ class SqliteStore(SecurityTables):
         record: AttestationRecord,
         accepted_clock: dict[str, int] | None,
         audit: AuditEvent | None = None,
+        nonce: NonceUse | None = None,
     ) -> int:
+        pcrs_json = json.dumps(record.pcrs)
+
         def go() -> int:
             with self._tx() as c:
+                if nonce is not None:  # spent here: the verdict and the nonce's use are one
+                    self._spend_nonce(c, nonce.nonce_hash, record.device_id, nonce.now_ms)
                 if audit is not None:  # the verdict's audit record, in the same transaction
-                    self.append_audit(audit)
+                    self._append_audit_row(
+                        c, audit, audit.detail_json or canonical_detail(audit.detail)
+                    )
                 cur = c.execute(
                     "INSERT INTO attestations (device_id, at_ms, status, failures, warnings,"
                     " trust_vector, policy_name, policy_version, clock, pcrs,"
@@ -526,7 +614,7 @@ class SqliteStore(SecurityTables):
                         record.policy_name,
                         record.policy_version,
                         json.dumps(record.clock),
-                        json.dumps(record.pcrs),
+                        pcrs_json,
                         record.credential_expires_at_ms,
                         None if record.boot_state is None else json.dumps(record.boot_state),
                     ),
@@ -556,7 +644,7 @@ class SqliteStore(SecurityTables):
                         record.at_ms,
                         record.status,
                         int(record.values_verified),
-                        json.dumps(record.pcrs),
+                        pcrs_json,
                         record.event_log,
                     ),
                 )

@@ -291,30 +291,11 @@ class SecurityTables:
     # -- audit log ---------------------------------------------------------
 
     def append_audit(self, event: AuditEvent) -> AuditRecord:
-        detail_json = canonical_detail(event.detail)
+        detail_json = event.detail_json or canonical_detail(event.detail)
 
         def go() -> AuditRecord:
             with self._tx() as c:
-                last = c.execute(
-                    "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
-                ).fetchone()
-                seq, prev = (last[0] + 1, last[1]) if last else (1, bytes(32))
-                digest = record_hash(
-                    prev, seq, event.at_ms, event.kind, event.actor, event.subject, detail_json
-                )
-                c.execute(
-                    f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
-                    (
-                        seq,
-                        event.at_ms,
-                        event.kind,
-                        event.actor,
-                        event.subject,
-                        detail_json,
-                        prev,
-                        digest,
-                    ),
-                )
+                seq, prev, digest = self._append_audit_row(c, event, detail_json)
             return AuditRecord(
                 seq=seq,
                 at_ms=event.at_ms,
@@ -327,6 +308,23 @@ class SecurityTables:
             )
 
         return self._run(go)
+
+    @staticmethod
+    def _append_audit_row(
+        c: sqlite3.Connection, event: AuditEvent, detail_json: str
+    ) -> tuple[int, bytes, bytes]:
+        """Chain one record after the newest (inside the caller's write transaction);
+        (seq, previous hash, hash)."""
+        last = c.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (last[0] + 1, last[1]) if last else (1, bytes(32))
+        digest = record_hash(
+            prev, seq, event.at_ms, event.kind, event.actor, event.subject, detail_json
+        )
+        c.execute(
+            f"INSERT INTO audit_log ({_AUDIT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+            (seq, event.at_ms, event.kind, event.actor, event.subject, detail_json, prev, digest),
+        )
+        return seq, prev, digest
 
     def audit_records(self, after_seq: int, since_ms: int, limit: int) -> list[AuditRecord]:
         def go() -> list[AuditRecord]:

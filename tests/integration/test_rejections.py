@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import secrets
 import shutil
@@ -45,7 +46,7 @@ from attestd.agent.client import Agent
 from attestd.agent.tpm import DEFAULT_AK_HANDLE, DeviceTpm, Quote
 from attestd.core.tpm import parse_attest
 from attestd.tlsinit import TlsFiles
-from attestd.v1 import attestation_pb2, common_pb2, enrollment_pb2
+from attestd.v1 import admin_pb2, attestation_pb2, common_pb2, enrollment_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -283,9 +284,27 @@ def test_one_nonce_used_concurrently_affirms_once(rig: Rig) -> None:
             return rpc_code(e)[1]
         return "affirmed" if response.verdict.status == AFFIRMING else "refused"
 
+    before = _audit_seqs(rig.server)
     with ThreadPoolExecutor(8) as pool:
         outcomes = sorted(pool.map(lambda _: one(), range(8)))
     assert outcomes == ["NONCE_REUSED"] * 7 + ["affirmed"]
+    # The nonce is spent in the verdict's own transaction: the losers of the race wrote
+    # nothing but their refusal to the audit log (seven), the winner its verdict (one).
+    records = [
+        json.loads(r.detail_json)["outcome"]
+        for r in _audit_records(rig.server)
+        if r.seq > before and r.kind == "attestation.verdict" and r.subject == rig.dev.device_id
+    ]
+    assert sorted(records) == ["NONCE_REUSED"] * 7 + ["ok"]
+
+
+def _audit_records(server: ServerThread) -> list[admin_pb2.AuditRecord]:
+    items = server.admin.ExportAudit(admin_pb2.ExportAuditRequest())
+    return [i.record for i in items if i.WhichOneof("item") == "record"]
+
+
+def _audit_seqs(server: ServerThread) -> int:
+    return max((r.seq for r in _audit_records(server)), default=0)
 
 
 def test_reused_nonce_is_refused(rig: Rig) -> None:

@@ -611,3 +611,18 @@ def test_bad_utf8_line() -> None:
 def test_oversize_detail_in_line() -> None:
     with pytest.raises(ValueError, match="detail"):
         parse_export_line(record_line(detail={"pad": "x" * (MAX_DETAIL_BYTES + 1)}))
+
+
+@pytest.mark.parametrize(
+    ("detail", "message"),
+    [
+        ({"a": [{"b": 1.5}]}, r"detail\.a\[0\]\.b: float is not allowed"),
+        ({"a": {"b": {2: "x"}}}, r"detail\.a\.b: object key 2 is not a string"),
+        ({"ok": [1, "two", None, True], "bad": [b"x"]}, r"detail\.bad\[0\]: bytes"),
+    ],
+)
+def test_canonical_detail_names_where_a_value_is_refused(
+    detail: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        canonical_detail(detail)
