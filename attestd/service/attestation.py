@@ -55,6 +55,10 @@ _STATUS = {
 }
 
 
+# (TrustVector attribute / proto field, EAR claim name) per claim, in order.
+_CLAIMS = tuple((claim.name.lower(), claim.value) for claim in Claim)
+
+
 def failure_pb(f: Failure) -> common_pb2.Failure:
     return common_pb2.Failure(
         code=f.code.value, subject=f.subject, expected=f.expected, got=f.got, detail=f.detail
@@ -65,15 +69,21 @@ def verdict_pb(verdict: Verdict, device_id: str) -> common_pb2.Verdict:
     tv = verdict.trust_vector
     return common_pb2.Verdict(
         status=_STATUS[verdict.status.value],
-        trust_vector=common_pb2.TrustVector(
-            **{claim.name.lower(): getattr(tv, claim.name.lower()) for claim in Claim}
-        ),
+        trust_vector=common_pb2.TrustVector(**{name: getattr(tv, name) for name, _ in _CLAIMS}),
         failures=[failure_pb(f) for f in verdict.failures],
         warnings=[failure_pb(f) for f in verdict.warnings],
         device_id=device_id,
         policy_name=verdict.policy_name,
         policy_version=verdict.policy_version,
         appraised_at_ms=verdict.appraised_at_ms,
+    )
+
+
+def _selection_pb(policy: Policy) -> tuple[common_pb2.PcrSelection, ...]:
+    """The PCR selection a nonce's quote must cover, as the API gives it."""
+    return tuple(
+        common_pb2.PcrSelection(bank=Bank.from_alg(alg).value, indices=sorted(idx))
+        for alg, idx in policy.selection()
     )
 
 
@@ -85,6 +95,7 @@ def _require_device_id(device_id: str) -> None:
 class AttestationService(attestation_pb2_grpc.AttestationServicer):
     def __init__(self, state: ServiceState) -> None:
         self.s = state
+        self._selections: dict[tuple[str, int], tuple[common_pb2.PcrSelection, ...]] = {}
 
     async def GetNonce(
         self, request: attestation_pb2.GetNonceRequest, context: grpc.aio.ServicerContext
@@ -112,17 +123,20 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
                 "NO_POLICY",
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
-        policy = self.s.policy_of(record)
         return attestation_pb2.GetNonceResponse(
             nonce=nonce,
             expires_at_ms=grant.expires_at_ms,
-            pcr_selection=[
-                common_pb2.PcrSelection(bank=Bank.from_alg(alg).value, indices=sorted(idx))
-                for alg, idx in policy.selection()
-            ],
+            pcr_selection=self._selection(record),
             policy_name=record.name,
             policy_version=record.version,
         )
+
+    def _selection(self, record: PolicyRecord) -> tuple[common_pb2.PcrSelection, ...]:
+        key = (record.name, record.version)  # versions are immutable
+        selection = self._selections.get(key)
+        if selection is None:
+            selection = self._selections[key] = _selection_pb(self.s.policy_of(record))
+        return selection
 
     async def Attest(
         self, request: attestation_pb2.AttestRequest, context: grpc.aio.ServicerContext
@@ -359,9 +373,7 @@ def record_verdict_pb(record: AttestationRecord) -> common_pb2.Verdict:
     tv = record.trust_vector
     return common_pb2.Verdict(
         status=_STATUS[record.status],
-        trust_vector=common_pb2.TrustVector(
-            **{claim.name.lower(): tv.get(claim.value, 0) for claim in Claim}
-        ),
+        trust_vector=common_pb2.TrustVector(**{name: tv.get(ear, 0) for name, ear in _CLAIMS}),
         failures=[common_pb2.Failure(**f) for f in record.failures],
         warnings=[common_pb2.Failure(**f) for f in record.warnings],
         device_id=record.device_id,
