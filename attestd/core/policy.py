@@ -94,6 +94,9 @@ class EventLogRules:
 
 @dataclass(frozen=True)
 class Policy:
+    """A validated policy. Immutable, its mappings included: appraise_quote keeps data
+    derived from a Policy object on it (see attestd.core.quote._FastPolicy)."""
+
     name: str
     pcrs: Mapping[Bank, Mapping[int, frozenset[bytes]]]
     allow_sha1: bool = False

@@ -19,14 +19,23 @@ Order matters and follows the trust it establishes:
 
 A failure at 1-2 stops the appraisal: nothing in unauthenticated bytes is
 worth judging.
+
+_appraise_quote_full does these checks one by one and names every failure. The
+usual, good case is decided first by a fast path in appraise_quote (the same
+checks, in the same order, with data derived once per policy and per AK) that
+can only conclude "affirming, every check passed"; anything else goes to the full
+path. tests/unit/core/test_quote_fastpath.py holds the two to equal results.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import hmac
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from operator import countOf
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -50,8 +59,12 @@ from attestd.core.tpm import (
     Selection,
     Signature,
     St,
+    _parse_attest_checked,
+    _parse_quote_fast,
+    _parse_signature_checked,
     alg_name,
     crypto_hash,
+    fast_maker,
     parse_attest,
     parse_signature,
     pcr_digest,
@@ -68,6 +81,7 @@ _OK_HASHES = {False: STRONG_HASHES, True: STRONG_HASHES | {Alg.SHA1}}
 # Signature schemes that fit a key type.
 _FITTING_SCHEMES = {Alg.RSA: (Alg.RSASSA, Alg.RSAPSS), Alg.ECC: (Alg.ECDSA,)}
 _PCR_INDICES = frozenset(range(PCR_COUNT))
+_DIGEST_SIZES = {bank.value: bank.digest_size for bank in Bank}
 # Enum members looked up once: each Enum class attribute access is a Python-level call.
 _NULL, _RSASSA, _ATTEST_QUOTE = Alg.NULL, Alg.RSASSA, St.ATTEST_QUOTE
 _ACCEPTED = (v.Status.AFFIRMING, v.Status.WARNING)
@@ -76,6 +90,11 @@ _ALG_ID = {bank: bank.alg.value for bank in Bank}
 _PKCS1V15 = padding.PKCS1v15()
 _ECDSA_BY_HASH: dict[int, ec.ECDSA] = {}
 _NO_CLAIMS = TrustVector()
+_SIGNATURE_INVALID = Failure(
+    Code.SIGNATURE_INVALID,
+    "signature",
+    detail="the signature does not verify with the device's attestation key",
+)
 # The trust vector an appraisal starts from, with and without a policy (frozen: shared).
 _FRESH_TRUST_VECTOR = {
     has_policy: TrustVector(
@@ -93,7 +112,7 @@ _POLICY_START_STATUS = _POLICY_START.status
 PcrValues = Mapping[Bank, Mapping[int, bytes]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClockState:
     """What the last accepted quote said about the TPM's clock and firmware."""
 
@@ -108,7 +127,7 @@ class ClockState:
         return cls(ci.reset_count, ci.restart_count, ci.clock, attest.firmware_version)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class QuoteEvidence:
     """Parsed, bounded evidence: nothing in it has been judged yet."""
 
@@ -118,7 +137,7 @@ class QuoteEvidence:
     pcrs: PcrValues
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Appraisal:
     verdict: Verdict
     evidence: QuoteEvidence
@@ -130,6 +149,12 @@ class Appraisal:
     values_verified: bool = False
 
 
+_NEW_QUOTE_EVIDENCE = fast_maker(QuoteEvidence)
+_NEW_APPRAISAL = fast_maker(Appraisal)
+_NEW_CLOCK_STATE = fast_maker(ClockState)
+_NEW_VERDICT = fast_maker(Verdict)
+
+
 def parse_evidence(
     quote: bytes,
     signature: bytes,
@@ -137,8 +162,62 @@ def parse_evidence(
     limits: Limits = DEFAULT_LIMITS,
 ) -> QuoteEvidence:
     """Parse quote, signature and PCR values; raise MalformedError naming the field."""
-    attest = parse_attest(quote, "quote", limits)
+    if type(quote) is bytes:
+        message = quote
+        attest = _parse_quote_fast(quote, limits)
+        if attest is None:
+            attest = _parse_attest_checked(quote, "quote", limits)
+    else:
+        attest = parse_attest(quote, "quote", limits)
+        message = bytes(quote)
     sig = parse_signature(signature, "signature", limits)
+    # The usual values: known bank names, each once, every index 0-23, every value bytes
+    # of the bank's size. Anything else goes to _pcr_values, which names the first fault.
+    values: dict[Bank, dict[int, bytes]] | None = None
+    if type(pcrs) is dict and len(pcrs) <= limits.max_banks_per_request:
+        values = {}
+        for bank_name, bank_values in pcrs.items():
+            bank = BANK_BY_NAME.get(bank_name)
+            if bank is None or bank in values or type(bank_values) is not dict:
+                values = None
+                break
+            digests = bank_values.values()
+            count = len(digests)
+            if not (
+                countOf(map(type, digests), bytes) == count
+                and countOf(map(len, digests), _DIGEST_SIZES[bank_name]) == count
+                and _PCR_INDICES.issuperset(bank_values)
+            ):
+                values = None
+                break
+            values[bank] = bank_values.copy()  # bytes(d) is d for bytes
+    if values is None:
+        values = _pcr_values(pcrs, limits)
+    evidence = _NEW_QUOTE_EVIDENCE()
+    evidence.attest = attest
+    evidence.signature = sig
+    evidence.message = message
+    evidence.pcrs = values
+    evidence.__class__ = QuoteEvidence
+    return evidence  # type: ignore[no-any-return]  # a fast_maker object
+
+
+def _parse_evidence_reference(
+    quote: bytes,
+    signature: bytes,
+    pcrs: Mapping[str, Mapping[int, bytes]],
+    limits: Limits = DEFAULT_LIMITS,
+) -> QuoteEvidence:
+    """parse_evidence without its fast paths: every field parsed step by step (the
+    reference the tests hold parse_evidence to)."""
+    attest = _parse_attest_checked(quote, "quote", limits)
+    sig = _parse_signature_checked(signature, "signature", limits)
+    return QuoteEvidence(attest, sig, bytes(quote), _pcr_values(pcrs, limits, fast=False))
+
+
+def _pcr_values(
+    pcrs: Mapping[str, Mapping[int, bytes]], limits: Limits, *, fast: bool = True
+) -> dict[Bank, dict[int, bytes]]:
     if len(pcrs) > limits.max_banks_per_request:
         raise MalformedError(f"more than {limits.max_banks_per_request} banks", field="pcrs")
     values: dict[Bank, dict[int, bytes]] = {}
@@ -151,17 +230,17 @@ def parse_evidence(
                 raise MalformedError(str(e), field=f"pcrs.{bank_name}") from None
         if bank in values:
             raise MalformedError("bank given twice", field=f"pcrs.{bank_name}")
-        if type(bank_values) is dict:
-            # Fast path: every index 0-23, every value bytes of the bank's size, so that
-            # the loop below would copy nothing and find nothing. Otherwise that loop
-            # checks (and names the first fault) as it always did.
+        if fast and type(bank_values) is dict:
+            # Every index 0-23, every value bytes of the bank's size: then the loop below
+            # would copy nothing and find nothing. Otherwise it checks (and names the
+            # first fault).
             digests = bank_values.values()
             if (
                 {bytes}.issuperset(map(type, digests))
                 and {bank.digest_size}.issuperset(map(len, digests))
                 and bank_values.keys() <= _PCR_INDICES
             ):
-                values[bank] = dict(bank_values)  # bytes(d) is d for bytes
+                values[bank] = dict(bank_values)
                 continue
         checked: dict[int, bytes] = {}
         for index, digest in bank_values.items():
@@ -175,7 +254,7 @@ def parse_evidence(
                 )
             checked[index] = bytes(digest)
         values[bank] = checked
-    return QuoteEvidence(attest, sig, bytes(quote), values)
+    return values
 
 
 def verify_signature(
@@ -232,11 +311,7 @@ def verify_signature(
                 ecdsa = _ECDSA_BY_HASH[sig.hash_alg] = ec.ECDSA(h)
             key.verify(encode_dss_signature(sig.r, sig.s), message, ecdsa)
     except (InvalidSignature, ValueError):
-        return Failure(
-            Code.SIGNATURE_INVALID,
-            "signature",
-            detail="the signature does not verify with the device's attestation key",
-        )
+        return _SIGNATURE_INVALID
     return None
 
 
@@ -281,6 +356,127 @@ def _selection_is(
     return listed == len(signed)
 
 
+# --- the fast path's derived data ---------------------------------------------
+
+# The attribute under which a Policy or a PublicArea keeps what the fast path derives
+# from it, once: both are frozen (a Policy's mappings included, by contract), and this
+# is no field, so == and repr ignore it; a copy made by dataclasses.replace derives anew.
+_FAST = "_quote_fast"
+_set = object.__setattr__
+_ATTEST_QUOTE_VALUE = int(St.ATTEST_QUOTE)
+_SHA1_VALUE = int(Alg.SHA1)
+_compare_digest = hmac.compare_digest
+
+
+class _Unchecked(enum.Enum):
+    UNCHECKED = 0
+
+
+_UNCHECKED = _Unchecked.UNCHECKED
+
+
+class _FastPolicy:
+    """What the fast path needs of a policy, derived once per Policy object.
+
+    ``selection`` is None when the fast path never applies (event-log rules, an empty
+    bank, no PCRs). ``expected`` is the only allowed values, when the policy allows
+    exactly one per PCR (then their PCR digest per hash, ``digests``, is known).
+    """
+
+    __slots__ = (
+        "banks",
+        "digests",
+        "expected",
+        "name",
+        "seen_selection",
+        "selection",
+        "sha1_ok",
+    )
+
+    def __init__(self, policy: Policy) -> None:
+        pcrs = policy.pcrs
+        self.sha1_ok = bool(policy.allow_sha1)
+        self.banks = tuple((bank, bank.alg.value, refs) for bank, refs in pcrs.items())
+        eligible = bool(pcrs) and all(pcrs.values()) and not policy.eventlog.any
+        self.selection: Selection | None = policy.selection() if eligible else None
+        self.seen_selection: Selection | None = None  # a signed selection found equal
+        self.expected: dict[Bank, dict[int, bytes]] | None = None
+        if eligible and all(len(a) == 1 for refs in pcrs.values() for a in refs.values()):
+            self.expected = {
+                bank: {i: next(iter(a)) for i, a in refs.items()} for bank, refs in pcrs.items()
+            }
+        self.digests: dict[int, bytes] = {}
+        self.name = policy.name
+
+    def digest(self, hash_alg: int) -> bytes:
+        """The PCR digest of ``expected`` over ``selection``."""
+        assert self.expected is not None and self.selection is not None
+        by_alg = {_ALG_ID[bank]: values for bank, values in self.expected.items()}
+        digest = self.digests[hash_alg] = pcr_digest(hash_alg, self.selection, by_alg)
+        return digest
+
+    def digest_of(self, hash_alg: int, pcrs: PcrValues) -> bytes | None:
+        """The PCR digest of ``pcrs`` over ``selection`` when they are exactly the policy's
+        PCRs, each with an allowed value; else None."""
+        if len(pcrs) != len(self.banks) or self.selection is None:
+            return None
+        by_alg = {}
+        for bank, alg, refs in self.banks:
+            got = pcrs.get(bank)
+            if (
+                got is None
+                or got.keys() != refs.keys()
+                or not all(map(operator.contains, refs.values(), map(got.__getitem__, refs)))
+            ):
+                return None
+            by_alg[alg] = got
+        return pcr_digest(hash_alg, self.selection, by_alg)
+
+
+def _fast_policy(policy: Policy) -> _FastPolicy:
+    derived = _FastPolicy(policy)
+    with contextlib.suppress(AttributeError, TypeError):  # an object that takes none
+        _set(policy, _FAST, derived)
+    return derived
+
+
+class _FastAk:
+    """What the fast path needs of an AK, derived once per PublicArea object: the one
+    signature scheme it takes (RSASSA for an RSA key, ECDSA for an ECC key, when the
+    key's scheme allows it; else none) and the hashes verify_signature accepts with it
+    (as the hash, or the ECDSA object, to verify with): SHA-256/384/512 by algorithm id
+    (``strong``), and SHA-1 (``sha1``, for when SHA-1 is allowed)."""
+
+    __slots__ = ("is_rsa", "key", "sha1", "sig_alg", "strong")
+
+    def __init__(self, ak: PublicArea) -> None:
+        key = ak.public_key
+        self.key: Any = key  # one of two types: is_rsa says which
+        self.is_rsa = isinstance(key, rsa.RSAPublicKey)
+        self.sig_alg: Alg | None = None
+        if ak.type == Alg.RSA and self.is_rsa:
+            self.sig_alg = Alg.RSASSA
+        elif ak.type == Alg.ECC and isinstance(key, ec.EllipticCurvePublicKey):
+            self.sig_alg = Alg.ECDSA
+        if ak.scheme not in (_NULL, self.sig_alg):
+            self.sig_alg = None
+        fitting: dict[int, Any] = {}
+        if self.sig_alg is not None:
+            for h in _OK_HASHES[True]:
+                if ak.scheme != _NULL and ak.scheme_hash is not None and h != ak.scheme_hash:
+                    continue
+                fitting[int(h)] = crypto_hash(h) if self.is_rsa else ec.ECDSA(crypto_hash(h))
+        self.sha1: Any = fitting.pop(_SHA1_VALUE, None)
+        self.strong = fitting
+
+
+def _fast_ak(ak: PublicArea) -> _FastAk:
+    derived = _FastAk(ak)
+    with contextlib.suppress(AttributeError, TypeError):  # an object that takes none
+        _set(ak, _FAST, derived)
+    return derived
+
+
 def appraise_quote(
     evidence: QuoteEvidence,
     ak: PublicArea,
@@ -298,6 +494,171 @@ def appraise_quote(
     ``policy=None`` checks integrity only (offline): no reference values, no selection demand.
     ``event_log`` is the parsed boot log, checked against the signed PCR values and the
     policy's event-log rules (measuredboot.appraise_boot).
+
+    The usual case (a policy without event-log rules, a nonce, no event log, and every
+    check passing) is decided by a fast path that can only conclude "affirming, every
+    check passed"; on any deviation the full appraisal (_appraise_quote_full) decides and
+    names what failed. Both return equal Appraisals for the same input.
+    """
+    if policy is None or nonce is None or event_log is not None or required_hash is not None:
+        return _appraise_quote_full(
+            evidence,
+            ak,
+            nonce=nonce,
+            policy=policy,
+            previous=previous,
+            now_ms=now_ms,
+            allow_sha1=allow_sha1,
+            required_hash=required_hash,
+            event_log=event_log,
+        )
+    try:
+        fast_policy: _FastPolicy = policy._quote_fast  # type: ignore[attr-defined]
+    except AttributeError:
+        fast_policy = _fast_policy(policy)
+    try:
+        fast_ak: _FastAk = ak._quote_fast  # type: ignore[attr-defined]
+    except AttributeError:
+        fast_ak = _fast_ak(ak)
+    attest = evidence.attest
+    sig = evidence.signature
+    # What the full path checks first: structure, then the signature by the enrolled AK
+    # (a scheme that fits the key, a hash the key and the policy allow).
+    hash_alg = sig.hash_alg
+    algorithm = fast_ak.strong.get(hash_alg)
+    if (
+        algorithm is None
+        and hash_alg == _SHA1_VALUE
+        and (fast_policy.sha1_ok if allow_sha1 is None else allow_sha1)
+    ):
+        algorithm = fast_ak.sha1
+    if (
+        algorithm is None
+        or sig.alg is not fast_ak.sig_alg  # members of Alg, or no match
+        or attest.magic != TPM_GENERATED_VALUE
+        or attest.type != _ATTEST_QUOTE_VALUE
+    ):
+        return _appraise_quote_full(
+            evidence,
+            ak,
+            nonce=nonce,
+            policy=policy,
+            previous=previous,
+            now_ms=now_ms,
+            allow_sha1=allow_sha1,
+        )
+    message = evidence.message
+    try:
+        if fast_ak.is_rsa:
+            fast_ak.key.verify(sig.sig, message, _PKCS1V15, algorithm)
+        else:
+            fast_ak.key.verify(encode_dss_signature(sig.r, sig.s), message, algorithm)
+    except (InvalidSignature, ValueError):
+        # What verify_signature returns for this signature (its other checks passed).
+        return _appraise_quote_full(
+            evidence,
+            ak,
+            nonce=nonce,
+            policy=policy,
+            previous=previous,
+            now_ms=now_ms,
+            allow_sha1=allow_sha1,
+            _signature=_SIGNATURE_INVALID,
+        )
+    # From here on the bytes are authenticated: freshness, the signed selection (the
+    # policy's, in its order), the submitted values (that selection, each allowed), the
+    # signed digest over them, and the clock.
+    values = evidence.pcrs
+    selection = attest.pcr_select
+    ok = _compare_digest(attest.extra_data, nonce) and (
+        selection is fast_policy.seen_selection or selection == fast_policy.selection
+    )
+    if ok:
+        fast_policy.seen_selection = selection
+        if values == fast_policy.expected:
+            # The policy's only allowed values, exactly: their digest is known.
+            digest = fast_policy.digests.get(hash_alg)
+            if digest is None:
+                digest = fast_policy.digest(hash_alg)
+        else:
+            digest = fast_policy.digest_of(hash_alg, values)
+        clock_info = attest.clock_info
+        reset_count = clock_info.reset_count
+        restart_count = clock_info.restart_count
+        clock_value = clock_info.clock
+        firmware = attest.firmware_version
+        ok = (
+            digest is not None
+            and _compare_digest(digest, attest.pcr_digest)
+            and clock_info.safe
+            and (
+                previous is None
+                or (
+                    firmware >= previous.firmware_version
+                    and (
+                        reset_count > previous.reset_count
+                        or (
+                            reset_count == previous.reset_count
+                            and restart_count >= previous.restart_count
+                            and clock_value > previous.clock
+                        )
+                    )
+                )
+            )
+        )
+    if not ok:
+        return _appraise_quote_full(
+            evidence,
+            ak,
+            nonce=nonce,
+            policy=policy,
+            previous=previous,
+            now_ms=now_ms,
+            allow_sha1=allow_sha1,
+            _signature=None,
+        )
+    verdict = _NEW_VERDICT()
+    verdict.status = _POLICY_START_STATUS
+    verdict.trust_vector = _POLICY_START
+    verdict.failures = ()
+    verdict.warnings = ()
+    verdict.appraised_at_ms = now_ms
+    verdict.policy_name = fast_policy.name
+    verdict.policy_version = 0
+    verdict.extra = {}
+    verdict.__class__ = Verdict
+    clock = _NEW_CLOCK_STATE()
+    clock.reset_count = reset_count
+    clock.restart_count = restart_count
+    clock.clock = clock_value
+    clock.firmware_version = firmware
+    clock.__class__ = ClockState
+    appraisal = _NEW_APPRAISAL()
+    appraisal.verdict = verdict
+    appraisal.evidence = evidence
+    appraisal.accepted_clock = clock
+    appraisal.boot_state = None
+    appraisal.values_verified = True
+    appraisal.__class__ = Appraisal
+    return appraisal  # type: ignore[no-any-return]  # a fast_maker object
+
+
+def _appraise_quote_full(
+    evidence: QuoteEvidence,
+    ak: PublicArea,
+    *,
+    nonce: bytes | None,
+    policy: Policy | None,
+    previous: ClockState | None,
+    now_ms: int,
+    allow_sha1: bool | None = None,
+    required_hash: Alg | None = None,
+    event_log: EventLog | None = None,
+    _signature: Failure | _Unchecked | None = _UNCHECKED,
+) -> Appraisal:
+    """appraise_quote, check by check: the reference for every outcome and its message.
+
+    ``_signature`` is verify_signature's result when appraise_quote already has it.
     """
     attest = evidence.attest
     failures: list[Failure] = []
@@ -328,7 +689,11 @@ def appraise_quote(
         )
     # 2. Signature by the enrolled AK.
     if not failures:
-        bad = verify_signature(ak, evidence.signature, evidence.message, allow_sha1=sha1_ok)
+        bad = (
+            verify_signature(ak, evidence.signature, evidence.message, allow_sha1=sha1_ok)
+            if _signature is _UNCHECKED
+            else _signature
+        )
         if (
             bad is None
             and required_hash is not None

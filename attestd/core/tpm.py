@@ -14,8 +14,9 @@ from __future__ import annotations
 import enum
 import hashlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -449,7 +450,7 @@ def encode_pcr_selection(selection: Selection) -> bytes:
 # --- TPMS_ATTEST (Part 2, 10.12.12) ----------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClockInfo:
     """TPMS_CLOCK_INFO (Part 2, 10.11.1)."""
 
@@ -459,7 +460,7 @@ class ClockInfo:
     safe: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Attest:
     """A parsed TPMS_ATTEST of type quote or certify."""
 
@@ -490,6 +491,34 @@ def parse_attest(data: bytes, field: str = "quote", limits: Limits = DEFAULT_LIM
     return _parse_attest_checked(data, field, limits)
 
 
+def fast_maker(cls: type) -> Callable[[], Any]:
+    """A maker of ``cls`` instances, for hot paths; ``cls`` is a dataclass with __slots__.
+
+    A frozen dataclass's __init__ stores each field with object.__setattr__, a
+    Python-level call per field (its __setattr__ refuses plain stores). Instead::
+
+        obj = _NEW_ATTEST()      # a blank object of a private class with the same slots
+        obj.magic = magic        # plain attribute stores, every field
+        ...
+        obj.__class__ = Attest   # now an Attest: frozen, and equal to Attest(...)
+
+    The result is an ordinary instance with every field set, so ==, hash, repr and
+    FrozenInstanceError are those of the __init__-built one. (The slots make attribute
+    reads and the __class__ assignment cheap: no instance __dict__.)
+    """
+    slots = cls.__dict__["__slots__"]
+    maker = type(f"_{cls.__name__}Blank", (), {"__module__": __name__, "__slots__": slots})
+    probe = maker()
+    for name in slots:
+        setattr(probe, name, None)
+    probe.__class__ = cls  # TypeError here if the layouts ever differ
+    return maker
+
+
+_NEW_CLOCK_INFO = fast_maker(ClockInfo)
+_NEW_ATTEST = fast_maker(Attest)
+
+
 _ATTEST_HEAD = struct.Struct(">IHH")  # magic, type, qualifiedSigner.size
 # clockInfo (clock, resetCount, restartCount, safe), firmwareVersion
 _CLOCK_FIRMWARE = struct.Struct(">QIIBQ")
@@ -497,10 +526,11 @@ _SELECT_HEAD = struct.Struct(">HB")  # TPMS_PCR_SELECTION: hash, sizeofSelect
 _SIG_HEAD = struct.Struct(">HHH")  # TPMT_SIGNATURE: sigAlg, hash, first TPM2B size
 # pcrSelect bitmaps seen so far -> their indices (bounded; a handful in practice).
 _SELECT_INDICES: dict[bytes, frozenset[int]] = {}
-_ALG_BY_VALUE = {a.value: a for a in Alg}
 # Enum members looked up once: each Enum class attribute access is a Python-level call.
 _ATTEST_QUOTE, _ECDSA = St.ATTEST_QUOTE, Alg.ECDSA
-_RSA_SIGNATURES = (Alg.RSASSA, Alg.RSAPSS)
+# As plain ints too: comparing an int with an IntEnum member takes the generic path.
+_ATTEST_QUOTE_VALUE, _ECDSA_VALUE = int(St.ATTEST_QUOTE), int(Alg.ECDSA)
+_RSA_SIGNATURES = {int(alg): alg for alg in (Alg.RSASSA, Alg.RSAPSS)}
 
 
 def _select_indices(bitmap: bytes) -> frozenset[int]:
@@ -514,13 +544,155 @@ def _select_indices(bitmap: bytes) -> frozenset[int]:
     return indices
 
 
+class _QuoteShape:
+    """Quotes of one total size whose qualifiedSigner, extraData, pcrSelect and pcrDigest
+    have the sizes here: one struct unpacks any of them at once, into (magic, type,
+    qualifiedSigner.size, qualifiedSigner, extraData.size, extraData, clockInfo.clock,
+    .resetCount, .restartCount, .safe, firmwareVersion, pcrDigest), skipping pcrSelect
+    and pcrDigest.size, the ``tail``. A quote whose two sizes unpack as the ones here and
+    whose tail is a key of ``layouts`` parses field for field as the quote that layout
+    was learnt from did."""
+
+    __slots__ = ("extra_size", "layouts", "signer_size", "struct", "tail_at", "tail_end")
+
+    def __init__(self, n: int, signer_size: int, extra_size: int, digest_size: int) -> None:
+        self.signer_size = signer_size
+        self.extra_size = extra_size
+        self.tail_at = 8 + signer_size + 2 + extra_size + 25
+        self.tail_end = n - digest_size
+        self.struct = struct.Struct(
+            f">IHH{signer_size}sH{extra_size}sQIIBQ{self.tail_end - self.tail_at}x{digest_size}s"
+        )
+        self.layouts: dict[bytes, _QuoteLayout] = {}
+
+
+class _QuoteLayout:
+    """What one tail (pcrSelect and pcrDigest.size bytes) of a _QuoteShape parses to:
+    the selection, and what the step-by-step parse checks of it against the limits."""
+
+    __slots__ = ("fits", "needs", "selection")
+
+    def __init__(self, data: bytes, shape: _QuoteShape, attest: Attest) -> None:
+        self.selection = attest.pcr_select
+        sizes, pos = [], shape.tail_at + 4
+        for _ in attest.pcr_select:
+            sizes.append(data[pos + 2])
+            pos += 3 + sizes[-1]
+        digest_size = len(data) - shape.tail_end
+        self.needs = (
+            len(data),
+            max(shape.signer_size, shape.extra_size, digest_size),
+            len(sizes),
+            max(sizes, default=0),
+        )
+        self.fits: Limits | None = None  # the last limits found to allow it
+
+    def allowed_by(self, limits: Limits) -> bool:
+        n, tpm2b, count, size_of_select = self.needs
+        if (
+            n <= limits.max_attest_size
+            and tpm2b <= limits.max_tpm2b
+            and count <= limits.max_pcr_selections
+            and size_of_select <= limits.max_size_of_select
+        ):
+            self.fits = limits
+            return True
+        return False
+
+
+# Shapes learnt, by total size. A device sends the same layout every time: only the
+# clock, the nonce and the digest change; a fleet sends a handful. Learnt before any
+# signature is checked, so bounded: a few shapes per size, and _MAX_LAYOUTS layouts in
+# all (then it starts over, and the usual layouts are learnt again).
+_SHAPES: dict[int, tuple[_QuoteShape, ...]] = {}
+_SHAPES_PER_SIZE = 8
+_MAX_LAYOUTS = 1024
+_learnt = 0  # layouts in _SHAPES (or fewer, after a shape was dropped)
+
+
 def _parse_quote_fast(data: bytes, limits: Limits) -> Attest | None:
     """A well-formed TPMS_ATTEST of a quote, as _parse_attest_checked parses it; else None.
 
     Accepts exactly the quotes the checked path accepts and returns equal values; any
     other input (another type, a bound exceeded, truncated, trailing bytes) gives None,
     so that the checked path names what is wrong.
+
+    A layout seen before is unpacked with one struct (see _QuoteShape), when ``limits``
+    allow what the step-by-step parse would check of it.
     """
+    for shape in _SHAPES.get(len(data), ()):
+        layout = shape.layouts.get(data[shape.tail_at : shape.tail_end])
+        if layout is None:
+            continue
+        (
+            magic,
+            st,
+            signer_size,
+            signer,
+            extra_size,
+            extra,
+            clock,
+            reset_count,
+            restart_count,
+            safe,
+            firmware,
+            digest,
+        ) = shape.struct.unpack(data)
+        if (
+            signer_size == shape.signer_size
+            and extra_size == shape.extra_size
+            and st == _ATTEST_QUOTE_VALUE
+            and safe <= 1
+            and (limits is layout.fits or layout.allowed_by(limits))
+        ):
+            clock_info = _NEW_CLOCK_INFO()
+            clock_info.clock = clock
+            clock_info.reset_count = reset_count
+            clock_info.restart_count = restart_count
+            clock_info.safe = safe == 1
+            clock_info.__class__ = ClockInfo
+            attest = _NEW_ATTEST()
+            attest.magic = magic
+            attest.type = st
+            attest.qualified_signer = signer
+            attest.extra_data = extra
+            attest.clock_info = clock_info
+            attest.firmware_version = firmware
+            attest.pcr_select = layout.selection
+            attest.pcr_digest = digest
+            attest.certified_name = b""
+            attest.certified_qualified_name = b""
+            attest.__class__ = Attest
+            return attest  # type: ignore[no-any-return]  # a fast_maker object
+    parsed = _parse_quote_steps(data, limits)
+    if parsed is not None:
+        _learn_layout(data, parsed)
+    return parsed
+
+
+def _learn_layout(data: bytes, attest: Attest) -> None:
+    """Remember the shape and layout of a quote _parse_quote_steps accepted."""
+    global _learnt
+    n = len(data)
+    sizes = (len(attest.qualified_signer), len(attest.extra_data), len(attest.pcr_digest))
+    if _learnt >= _MAX_LAYOUTS:
+        _SHAPES.clear()
+        _learnt = 0
+    shapes = _SHAPES.get(n, ())
+    for shape in shapes:
+        if (shape.signer_size, shape.extra_size, n - shape.tail_end) == sizes:
+            break
+    else:
+        shape = _QuoteShape(n, *sizes)
+        _SHAPES[n] = (*shapes[1 - _SHAPES_PER_SIZE :], shape)  # the newest few
+    tail = data[shape.tail_at : shape.tail_end]
+    if tail not in shape.layouts:
+        shape.layouts[tail] = _QuoteLayout(data, shape, attest)
+        _learnt += 1
+
+
+def _parse_quote_steps(data: bytes, limits: Limits) -> Attest | None:
+    """_parse_quote_fast for a layout not seen before: field by field."""
     n = len(data)
     if n > limits.max_attest_size or n < 8:
         return None
@@ -616,13 +788,16 @@ def _parse_attest_checked(data: bytes, field: str, limits: Limits) -> Attest:
 # --- TPMT_SIGNATURE (Part 2, 11.3.4) ---------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Signature:
     alg: Alg  # RSASSA, RSAPSS or ECDSA
     hash_alg: int
     sig: bytes = b""  # RSA signature
     r: int = 0  # ECDSA
     s: int = 0
+
+
+_NEW_SIGNATURE = fast_maker(Signature)
 
 
 def parse_signature(
@@ -632,18 +807,32 @@ def parse_signature(
     if type(data) is bytes and 6 <= n <= limits.max_signature_size:
         # Fast path for well-formed signatures; anything else is parsed (and named) below.
         alg_value, hash_alg, size = _SIG_HEAD.unpack_from(data)
-        if alg_value in _RSA_SIGNATURES:
+        rsa_alg = _RSA_SIGNATURES.get(alg_value)
+        if rsa_alg is not None:
             if size <= limits.max_tpm2b and n == 6 + size:
-                return Signature(_ALG_BY_VALUE[alg_value], hash_alg, sig=data[6:])
-        elif alg_value == _ECDSA and size <= 66 and n >= 8 + size:
+                sig = _NEW_SIGNATURE()
+                sig.alg = rsa_alg
+                sig.hash_alg = hash_alg
+                sig.sig = data[6:]
+                sig.r = 0
+                sig.s = 0
+                sig.__class__ = Signature
+                return sig  # type: ignore[no-any-return]  # a fast_maker object
+        elif alg_value == _ECDSA_VALUE and size <= 66 and n >= 8 + size:
             s_size = data[6 + size] << 8 | data[7 + size]
             if s_size <= 66 and n == 8 + size + s_size:
-                return Signature(
-                    _ECDSA,
-                    hash_alg,
-                    r=int.from_bytes(data[6 : 6 + size], "big"),
-                    s=int.from_bytes(data[8 + size :], "big"),
-                )
+                sig = _NEW_SIGNATURE()
+                sig.alg = _ECDSA
+                sig.hash_alg = hash_alg
+                sig.sig = b""
+                sig.r = int.from_bytes(data[6 : 6 + size], "big")
+                sig.s = int.from_bytes(data[8 + size :], "big")
+                sig.__class__ = Signature
+                return sig  # type: ignore[no-any-return]  # a fast_maker object
+    return _parse_signature_checked(data, field, limits)
+
+
+def _parse_signature_checked(data: bytes, field: str, limits: Limits) -> Signature:
     if len(data) > limits.max_signature_size:
         raise MalformedError(
             f"{len(data)} bytes exceeds the limit of {limits.max_signature_size}", field=field

@@ -172,7 +172,7 @@ class TrustVector:
         return worst
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """The outcome of one appraisal."""
 

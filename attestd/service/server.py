@@ -87,7 +87,7 @@ KEYRING_REFRESH_S = 1.0
 # How often the sweeping process copies the store's WAL into the database file, and the
 # WAL's length (pages) beyond which it is checkpointed in full and started again.
 WAL_CHECKPOINT_S = 0.25
-WAL_RESTART_PAGES = 2000
+WAL_RESTART_PAGES = 16_000
 WORKER_STOP_S = 15.0  # after this long a stopping worker is killed
 
 

@@ -64,7 +64,7 @@ PRUNE_BATCH = 5000
 # the database file (and syncs it) before it returns.
 INLINE_CHECKPOINT_PAGES = 1000
 # The WAL file is cut back to this size when it starts again from its beginning.
-WAL_SIZE_LIMIT = 16 * 1024 * 1024
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # How long a full checkpoint (checkpoint(restart_above=...)) may hold new writes back.
 CHECKPOINT_WAIT_S = 0.2
 # Expired nonces and challenges are kept this long (a late reply reads as expired or
