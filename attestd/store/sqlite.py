@@ -635,9 +635,13 @@ class SqliteStore(SecurityTables):
                     " failed = failed + excluded.failed",
                     (record.device_id, affirming, 1 - affirming),
                 )
-                c.execute(
-                    "INSERT OR REPLACE INTO evidence (device_id, attestation_id, at_ms, status,"
-                    " values_verified, pcrs, event_log) VALUES (?,?,?,?,?,?,?)",
+                c.execute(  # updated in place (REPLACE would delete and insert)
+                    "INSERT INTO evidence (device_id, attestation_id, at_ms, status,"
+                    " values_verified, pcrs, event_log) VALUES (?,?,?,?,?,?,?)"
+                    " ON CONFLICT(device_id) DO UPDATE SET attestation_id ="
+                    " excluded.attestation_id, at_ms = excluded.at_ms, status = excluded.status,"
+                    " values_verified = excluded.values_verified, pcrs = excluded.pcrs,"
+                    " event_log = excluded.event_log",
                     (
                         record.device_id,
                         att_id,
@@ -648,7 +652,6 @@ class SqliteStore(SecurityTables):
                         record.event_log,
                     ),
                 )
-                self._status_row(c, record.device_id)
                 credential = record.credential
                 if credential is not None:
                     c.execute(
@@ -665,8 +668,8 @@ class SqliteStore(SecurityTables):
                         ),
                     )
                     c.execute(
-                        "UPDATE device_status SET live_expires_at_ms = ? WHERE device_id = ?",
-                        (credential.expires_at_ms, record.device_id),
+                        _STATUS_UPSERT + " live_expires_at_ms = excluded.live_expires_at_ms",
+                        (record.device_id, 0, credential.expires_at_ms),
                     )
                     self._event(
                         c,
@@ -680,9 +683,9 @@ class SqliteStore(SecurityTables):
                 else:
                     # A failed (re-)attestation ends the device's live credentials.
                     c.execute(
-                        "UPDATE device_status SET credentials_invalid_before_ms = ?,"
-                        " live_expires_at_ms = 0 WHERE device_id = ?",
-                        (record.at_ms + 1, record.device_id),
+                        _STATUS_UPSERT + " credentials_invalid_before_ms ="
+                        " excluded.credentials_invalid_before_ms, live_expires_at_ms = 0",
+                        (record.device_id, record.at_ms + 1, 0),
                     )
                     reason = ",".join(f["code"] for f in record.failures) or record.status
                     self._event(
@@ -1269,6 +1272,14 @@ def _unavailable(e: sqlite3.Error) -> StoreUnavailable:
 
 
 # Fixed statements (the table names are constants, never input).
+# A device's status row, made (not revoked) if it has none yet, else updated as the
+# SET clause appended says; parameters: device_id, credentials_invalid_before_ms,
+# live_expires_at_ms (the values of a new row).
+_STATUS_UPSERT = (
+    "INSERT INTO device_status (device_id, revoked, revoked_at_ms, revocation_reason,"
+    " credentials_invalid_before_ms, live_expires_at_ms) VALUES (?, 0, 0, '', ?, ?)"
+    " ON CONFLICT(device_id) DO UPDATE SET"
+)
 _PRUNE_NONCES = (
     "DELETE FROM nonces WHERE rowid IN (SELECT rowid FROM nonces WHERE expires_at_ms < ? LIMIT ?)"
 )
