@@ -399,7 +399,7 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="do not touch build/bench.json")
     args = p.parse_args()
     if args.quick:
-        sizes, rounds, levels, sweep_rounds = [1000], 1, [4, 16], 1
+        sizes, rounds, levels, sweep_rounds = [1000], 1, [4, 8], 1
         args.echo_seconds, args.attest_seconds, args.warmup, args.working_set = 2, 4, 1, 1000
     else:
         sizes, rounds, levels, sweep_rounds = [1000, 100_000, 1_000_000], 3, [4, 8, 16, 32], 2
