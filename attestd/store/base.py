@@ -33,7 +33,8 @@ class StoreUnavailable(StoreError):
 
 
 class StoreBusy(StoreUnavailable):
-    """Another process holds the write lock (raised at once inside ``no_wait``)."""
+    """Another process holds the write lock (raised at once by a store set not to wait,
+    ``set_waiting(False)``)."""
 
 
 class NotFound(StoreError):
