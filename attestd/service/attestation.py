@@ -283,9 +283,11 @@ class AttestationService(attestation_pb2_grpc.AttestationServicer):
 def _grant_nonce(
     store: Store, config: ServerConfig, device_id: str, nonce_hash: bytes, now_ms: int
 ) -> tuple[GroupChoice, PolicyRecord | None, NonceGrant | None]:
-    """On the store thread, in one hand-off: the device, its policy, the nonce stored."""
-    device = store.get_device(device_id)
-    choice, record = effective_policy_in_store(store, config, device)
+    """In one store hand-off: the device and its policy (read in one snapshot), then the
+    nonce stored."""
+    with store.snapshot():
+        device = store.get_device(device_id)
+        choice, record = effective_policy_in_store(store, config, device)
     if record is None:
         return choice, None, None
     grant = NonceGrant(
@@ -301,16 +303,17 @@ def _grant_nonce(
 def _attestation_context(
     state: ServiceState, device_id: str, nonce_hash: bytes, now_ms: int
 ) -> tuple[Device, NonceGrant, Policy, DeviceStatus]:
-    """In one store hand-off: the device, its nonce's grant (checked usable here, spent
-    with the verdict's record), the policy the nonce pinned (parsed once per version),
-    the device's revocation status."""
+    """In one store hand-off and one snapshot: the device, its nonce's grant (checked
+    usable here, spent with the verdict's record), the policy the nonce pinned (parsed
+    once per version), the device's revocation status."""
     store = state.store.store
-    device = store.get_device(device_id)
-    grant = store.check_nonce(nonce_hash, device_id, now_ms)
-    policy = state.cached_policy(grant.policy_name, grant.policy_version)
-    if policy is None:
-        policy = state.policy_of(store.get_policy(grant.policy_name, grant.policy_version))
-    return device, grant, policy, store.device_status(device_id)
+    with store.snapshot():
+        device = store.get_device(device_id)
+        grant = store.check_nonce(nonce_hash, device_id, now_ms)
+        policy = state.cached_policy(grant.policy_name, grant.policy_version)
+        if policy is None:
+            policy = state.policy_of(store.get_policy(grant.policy_name, grant.policy_version))
+        return device, grant, policy, store.device_status(device_id)
 
 
 @dataclass(frozen=True)

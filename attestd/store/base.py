@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from attestd.core.audit import AuditRecord, Checkpoint
 
 
@@ -243,6 +245,9 @@ class AuditEvent:
 
 
 class Store(Protocol):
+    # Several reads that see one state of the store (``with store.snapshot(): ...``).
+    def snapshot(self) -> AbstractContextManager[None]: ...
+
     # Enrollment.
     def put_challenge(self, challenge: Challenge) -> None: ...
     def consume_challenge(self, challenge_id: str, device_id: str, now_ms: int) -> Challenge: ...

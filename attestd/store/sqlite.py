@@ -16,10 +16,12 @@ long-expired nonces, challenges and credential records.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,6 +69,12 @@ INLINE_CHECKPOINT_PAGES = 1000
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # How long a full checkpoint (checkpoint(restart_above=...)) may hold new writes back.
 CHECKPOINT_WAIT_S = 0.2
+# A write that waits for another process's write lock tries again after these pauses
+# (seconds), then every WRITE_LOCK_POLL_MAX_S. SQLite's own busy handler sleeps 1, 2, 5,
+# 10 ... 100 ms between tries: a lock held for a fraction of a millisecond cost a
+# waiting writer a millisecond or more.
+WRITE_LOCK_POLL_S = (50e-6, 100e-6, 200e-6, 300e-6)
+WRITE_LOCK_POLL_MAX_S = 500e-6
 # Expired nonces and challenges are kept this long (a late reply reads as expired or
 # used, not unknown); long-expired credential records longer (VerifyCredential says
 # EXPIRED rather than UNKNOWN_CREDENTIAL for a week).
@@ -216,23 +224,28 @@ class SqliteStore(SecurityTables):
     """Store implementation on a SQLite file (``:memory:`` is not supported: WAL needs a file)."""
 
     def __init__(
-        self, path: str | Path, *, history_per_device: int = DEFAULT_HISTORY_PER_DEVICE
+        self,
+        path: str | Path,
+        *,
+        history_per_device: int = DEFAULT_HISTORY_PER_DEVICE,
+        busy_timeout_s: float = BUSY_TIMEOUT_S,
     ) -> None:
         if history_per_device < 1:
             raise ValueError("history_per_device must be at least 1")
         self.path = Path(path)
         self.history_per_device = history_per_device
+        self.busy_timeout_s = busy_timeout_s
         try:
             # Created private before SQLite opens it; its -wal/-shm files inherit the mode.
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             conn = sqlite3.connect(
                 str(self.path),
-                timeout=BUSY_TIMEOUT_S,
+                timeout=busy_timeout_s,
                 isolation_level=None,
                 check_same_thread=False,
             )
             self.db = sqlite_utils.Database(conn)
-            self._busy_ms = int(BUSY_TIMEOUT_S * 1000)
+            self._busy_ms = int(busy_timeout_s * 1000)
             self.db.enable_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -292,7 +305,7 @@ class SqliteStore(SecurityTables):
             yield conn
             return
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin_immediate(conn)
         except sqlite3.Error as e:
             raise _unavailable(e) from None
         try:
@@ -303,6 +316,48 @@ class SqliteStore(SecurityTables):
         else:
             conn.execute("COMMIT")
 
+    def _begin_immediate(self, conn: sqlite3.Connection) -> None:
+        """Take the write lock. Not waiting: refused at once if another connection holds
+        it. Waiting: tried again after short pauses (WRITE_LOCK_POLL_S) until the busy
+        timeout, with SQLite's own busy handler off meanwhile (see WRITE_LOCK_POLL_S)."""
+        if not self._busy_ms:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            deadline = time.monotonic() + self._busy_ms / 1000
+            pauses = itertools.chain(WRITE_LOCK_POLL_S, itertools.repeat(WRITE_LOCK_POLL_MAX_S))
+            for pause in pauses:  # pragma: no branch (an endless iterator)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if not _is_busy(e) or time.monotonic() + pause > deadline:
+                        raise
+                time.sleep(pause)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Several reads in one read transaction: they see one state of the store, and the
+        page cache is checked once (a commit by another process empties it, so reads in
+        separate transactions under load fetch the same B-tree pages again and again).
+        Inside a transaction already open on this connection, part of that one."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            yield
+            return
+        try:
+            conn.execute("BEGIN")
+        except sqlite3.Error as e:
+            raise _unavailable(e) from None
+        try:
+            yield
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")  # reads only: nothing to keep or undo
+
     def _run(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
@@ -310,10 +365,10 @@ class SqliteStore(SecurityTables):
             raise _unavailable(e) from None
 
     def set_waiting(self, wait: bool) -> None:
-        """Whether a write waits (up to BUSY_TIMEOUT_S) for another process's write lock,
+        """Whether a write waits (up to the busy timeout) for another process's write lock,
         or raises StoreBusy at once. A StoreRunner keeps its store not waiting for the
         calls it runs on the event loop, and lets it wait only on its thread."""
-        ms = int(BUSY_TIMEOUT_S * 1000) if wait else 0
+        ms = int(self.busy_timeout_s * 1000) if wait else 0
         if ms != self._busy_ms:
             self.db.conn.execute(f"PRAGMA busy_timeout = {ms}")
             self._busy_ms = ms
@@ -338,8 +393,8 @@ class SqliteStore(SecurityTables):
         newest page, and the WAL only ever grows. With ``restart_above``, a WAL longer
         than that many pages is then checkpointed in full and started again from its
         beginning (RESTART): new writes wait meanwhile, at most CHECKPOINT_WAIT_S (most
-        was just copied, so little is left to do), and a try that runs out of time is
-        simply repeated at a later call.
+        was just copied, and the database file synced, so little is left to do), and a
+        try that runs out of time is simply repeated at a later call.
         """
         with self._checkpoint_lock:
             if self._checkpointer is None:
@@ -354,11 +409,17 @@ class SqliteStore(SecurityTables):
                     "PRAGMA wal_checkpoint(PASSIVE)"
                 ).fetchone()
                 if restart_above and wal > restart_above:
+                    # The pages copied so far reach the disk first, while writes go on:
+                    # the RESTART syncs the file again holding writes back, and that
+                    # sync would otherwise carry every page copied since the last one.
+                    _sync_file(self.path)
                     _, wal, copied = self._checkpointer.execute(
                         "PRAGMA wal_checkpoint(RESTART)"
                     ).fetchone()
             except sqlite3.Error as e:
                 raise _unavailable(e) from None
+            except OSError as e:
+                raise StoreUnavailable(f"cannot sync the store file: {e}") from None
         return int(wal), int(copied)
 
     def close(self) -> None:
@@ -1265,8 +1326,20 @@ class SqliteStore(SecurityTables):
         return self._run(go)
 
 
+def _is_busy(e: sqlite3.Error) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+
+
+def _sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def _unavailable(e: sqlite3.Error) -> StoreUnavailable:
-    if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+    if _is_busy(e):
         return StoreBusy(f"store busy: {e}")
     return StoreUnavailable(f"store error: {e}")
 
