@@ -471,6 +471,13 @@ def bulk_load(
                     print(f"  loaded {done}/{n_devices} devices ({rate:,.0f}/s)", file=sys.stderr)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.close()
+    # Loaded without syncs: on disk now, as a store in service would be, rather than
+    # written back by the kernel (or by the server's first sync) while rounds are timed.
+    fd = os.open(store_path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     fleet = Fleet(
         n_devices=n_devices,
         seed_hex=seed.hex(),

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import hmac
 import operator
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from operator import countOf
@@ -460,14 +462,23 @@ class _FastAk:
             self.sig_alg = Alg.ECDSA
         if ak.scheme not in (_NULL, self.sig_alg):
             self.sig_alg = None
-        fitting: dict[int, Any] = {}
-        if self.sig_alg is not None:
-            for h in _OK_HASHES[True]:
-                if ak.scheme != _NULL and ak.scheme_hash is not None and h != ak.scheme_hash:
-                    continue
-                fitting[int(h)] = crypto_hash(h) if self.is_rsa else ec.ECDSA(crypto_hash(h))
-        self.sha1: Any = fitting.pop(_SHA1_VALUE, None)
-        self.strong = fitting
+        scheme_hash = ak.scheme_hash if ak.scheme != _NULL else None
+        self.sha1, self.strong = _fitting_hashes(self.is_rsa, self.sig_alg, scheme_hash)
+
+
+@functools.lru_cache(maxsize=64)  # a handful of combinations in practice
+def _fitting_hashes(
+    is_rsa: bool, sig_alg: Alg | None, scheme_hash: Alg | None
+) -> tuple[Any, Mapping[int, Any]]:
+    """(the SHA-1 object or None, {hash algorithm id: object} for the others) that a key
+    of this kind verifies with; the objects hold no state, so keys share them."""
+    fitting: dict[int, Any] = {}
+    if sig_alg is not None:
+        for h in _OK_HASHES[True]:
+            if scheme_hash is not None and h != scheme_hash:
+                continue
+            fitting[int(h)] = crypto_hash(h) if is_rsa else ec.ECDSA(crypto_hash(h))
+    return fitting.pop(_SHA1_VALUE, None), types.MappingProxyType(fitting)
 
 
 def _fast_ak(ak: PublicArea) -> _FastAk:

@@ -681,21 +681,25 @@ class SqliteStore(SecurityTables):
                     ),
                 )
                 att_id = int(cur.lastrowid or 0)
-                # Retention: the device's newest rows stay (this one among them; ids only
-                # grow, since the newest row of the table is never deleted).
-                c.execute(
-                    "DELETE FROM attestations WHERE device_id = ? AND id <= (SELECT id"
-                    " FROM attestations WHERE device_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                    (record.device_id, record.device_id, self.history_per_device),
-                )
                 affirming = int(record.credential is not None)
-                c.execute(
+                (total,) = c.execute(
                     "INSERT INTO attestation_counts (device_id, total, affirming, failed)"
                     " VALUES (?, 1, ?, ?) ON CONFLICT(device_id) DO UPDATE SET"
                     " total = total + 1, affirming = affirming + excluded.affirming,"
-                    " failed = failed + excluded.failed",
+                    " failed = failed + excluded.failed RETURNING total",
                     (record.device_id, affirming, 1 - affirming),
-                )
+                ).fetchone()
+                # Retention: the device's newest rows stay (this one among them; ids only
+                # grow, since the newest row of the table is never deleted). A device has
+                # at most as many rows as attestations counted, so below the limit there
+                # is nothing to delete.
+                if total > self.history_per_device:
+                    c.execute(
+                        "DELETE FROM attestations WHERE device_id = ? AND id <= (SELECT id"
+                        " FROM attestations WHERE device_id = ? ORDER BY id DESC"
+                        " LIMIT 1 OFFSET ?)",
+                        (record.device_id, record.device_id, self.history_per_device),
+                    )
                 c.execute(  # updated in place (REPLACE would delete and insert)
                     "INSERT INTO evidence (device_id, attestation_id, at_ms, status,"
                     " values_verified, pcrs, event_log) VALUES (?,?,?,?,?,?,?)"
