@@ -355,7 +355,7 @@ def settle_heap() -> None:
     """Once serving: what start-up made (modules, keys, configuration) lives as long as
     the process, so it is moved out of the garbage collector's sight. A full collection
     stops the event loop while it scans every tracked object; now it scans only what
-    serving made (docs/benchmarks.md has the pauses measured)."""
+    serving made, so those pauses are shorter."""
     gc.collect()
     gc.freeze()
 
