@@ -141,6 +141,27 @@ def test_commits_leave_the_wal_to_checkpoint(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_long_wal_is_checkpointed_in_full_and_started_again(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    store = SqliteStore(path)
+    store.checkpoint_inline(False)
+    try:
+        n = 200
+        for i in range(n):
+            store.record_attestation(_record(f"dev-{i}", NOW + i), None)
+        wal, copied = store.checkpoint()
+        assert wal > 100 and copied == wal
+        # Beyond the threshold: the file synced, checkpointed in full, started again.
+        wal, copied = store.checkpoint(restart_above=100)
+        assert copied == wal
+        store.record_attestation(_record("dev-last", NOW + n), None)
+        wal, _ = store.checkpoint()
+        assert wal < 50  # the next commit wrote from the WAL's beginning
+        assert _rows_in_database_file(path) == n + 1
+    finally:
+        store.close()
+
+
 def test_commits_checkpoint_inline_by_default(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     store = SqliteStore(path)
