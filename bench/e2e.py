@@ -245,6 +245,10 @@ def bulk_load(data_dir: Path, n: int, ak_pool: int, timeout: float) -> float:
 def run_loadgen(
     server: Server, data_dir: Path, args: argparse.Namespace, seed: int, concurrency: int
 ) -> Any:
+    # The previous round's writes reach the disk first: rounds alternate between servers,
+    # and the kernel writing one server's pages back (or a sync in the next server waiting
+    # behind it) must not land in another's timed window.
+    os.sync()
     cmd = [
         sys.executable,
         str(HERE / "loadgen.py"),
@@ -527,6 +531,7 @@ def main() -> None:
             "attest": args.attest_seconds,
         },
         "aggregation": "rates: median over rounds; latencies: percentiles of all rounds pooled",
+        "between_rounds": "os.sync(): each round starts with the previous round's writes on disk",
         "ak_pool": args.ak_pool or "one AK per device",
         "cpus": os.cpu_count(),
         "load_average_1m": {"min": min(load_avg), "max": max(load_avg)},
