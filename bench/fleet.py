@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from attestd.core.policy import load_policy_text
-from attestd.store.sqlite import SqliteStore
+from attestd.store.sqlite import SqliteStore, sync_file
 
 # --- TPM 2.0 marshalling (Part 2), written out here rather than borrowed from attestd.core.
 
@@ -473,11 +473,7 @@ def bulk_load(
     conn.close()
     # Loaded without syncs: on disk now, as a store in service would be, rather than
     # written back by the kernel (or by the server's first sync) while rounds are timed.
-    fd = os.open(store_path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_file(store_path)
     fleet = Fleet(
         n_devices=n_devices,
         seed_hex=seed.hex(),

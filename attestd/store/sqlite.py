@@ -412,7 +412,7 @@ class SqliteStore(SecurityTables):
                     # The pages copied so far reach the disk first, while writes go on:
                     # the RESTART syncs the file again holding writes back, and that
                     # sync would otherwise carry every page copied since the last one.
-                    _sync_file(self.path)
+                    sync_file(self.path)
                     _, wal, copied = self._checkpointer.execute(
                         "PRAGMA wal_checkpoint(RESTART)"
                     ).fetchone()
@@ -1334,7 +1334,8 @@ def _is_busy(e: sqlite3.Error) -> bool:
     return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
-def _sync_file(path: Path) -> None:
+def sync_file(path: Path) -> None:
+    """Put a file's written pages on disk (its data; size changes included)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)

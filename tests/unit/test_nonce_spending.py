@@ -124,6 +124,11 @@ def _rows_in_database_file(path: Path) -> int:
         conn.close()
 
 
+def _record_many(store: SqliteStore, n: int) -> None:
+    for i in range(n):
+        store.record_attestation(_record(f"dev-{i}", NOW + i), None)
+
+
 def test_commits_leave_the_wal_to_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     store = SqliteStore(path)
@@ -131,8 +136,7 @@ def test_commits_leave_the_wal_to_checkpoint(tmp_path: Path) -> None:
     try:
         store.checkpoint()  # the schema into the file
         n = INLINE_CHECKPOINT_PAGES // 2  # well past the inline threshold in pages
-        for i in range(n):
-            store.record_attestation(_record(f"dev-{i}", NOW + i), None)
+        _record_many(store, n)
         assert _rows_in_database_file(path) == 0  # all still in the WAL
         wal, copied = store.checkpoint()
         assert wal >= INLINE_CHECKPOINT_PAGES and copied == wal
@@ -147,8 +151,7 @@ def test_a_long_wal_is_checkpointed_in_full_and_started_again(tmp_path: Path) ->
     store.checkpoint_inline(False)
     try:
         n = 200
-        for i in range(n):
-            store.record_attestation(_record(f"dev-{i}", NOW + i), None)
+        _record_many(store, n)
         wal, copied = store.checkpoint()
         assert wal > 100 and copied == wal
         # Beyond the threshold: the file synced, checkpointed in full, started again.
@@ -166,9 +169,7 @@ def test_commits_checkpoint_inline_by_default(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite"
     store = SqliteStore(path)
     try:
-        n = INLINE_CHECKPOINT_PAGES // 2
-        for i in range(n):
-            store.record_attestation(_record(f"dev-{i}", NOW + i), None)
+        _record_many(store, INLINE_CHECKPOINT_PAGES // 2)
         assert _rows_in_database_file(path) > 0
     finally:
         store.close()
