@@ -409,9 +409,12 @@ class SqliteStore(SecurityTables):
                     "PRAGMA wal_checkpoint(PASSIVE)"
                 ).fetchone()
                 if restart_above and wal > restart_above:
-                    # The pages copied so far reach the disk first, while writes go on:
-                    # the RESTART syncs the file again holding writes back, and that
-                    # sync would otherwise carry every page copied since the last one.
+                    # The pages copied so far reach the disk first, while writes go on,
+                    # then those written meanwhile, copied and synced once more: the
+                    # RESTART syncs the file again holding writes back, and that sync
+                    # would otherwise carry every page copied since the last one.
+                    sync_file(self.path)
+                    self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     sync_file(self.path)
                     _, wal, copied = self._checkpointer.execute(
                         "PRAGMA wal_checkpoint(RESTART)"
