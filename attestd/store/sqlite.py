@@ -270,6 +270,18 @@ class SqliteStore(SecurityTables):
                 "CREATE INDEX IF NOT EXISTS idx_nonces_outstanding"
                 " ON nonces (device_id, expires_at_ms) WHERE used_at_ms IS NULL"
             )
+            # Devices whose credential is live, by its expiry: the expiry sweep (every
+            # second) reads the ones due, not every device's status row.
+            self.db.execute(
+                "CREATE INDEX IF NOT EXISTS idx_device_status_live"
+                " ON device_status (live_expires_at_ms) WHERE live_expires_at_ms > 0"
+            )
+            # Session credentials by their client certificate's serial (VerifyCredential
+            # with a certificate), for those issued with one.
+            self.db.execute(
+                "CREATE INDEX IF NOT EXISTS idx_credentials_cert_serial"
+                " ON credentials (cert_serial) WHERE cert_serial != ''"
+            )
             create_security_indexes(self.db)
             self._create_counts()
         except (OSError, sqlite3.Error) as e:
