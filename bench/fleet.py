@@ -12,7 +12,16 @@ Every device gets, as if it had enrolled through Enroll/Activate:
   sensitiveDataOrigin, userWithAuth; ECDSA/SHA-256), as a TPM2B_PUBLIC, with
   its Name;
 - a last accepted clock state, as after an earlier attestation, so every
-  attestation in the benchmark takes the steady-state path (clock checks).
+  attestation in the benchmark takes the steady-state path (clock checks);
+- and (unless ``--no-history``) the rows that earlier attestation left, as a
+  fleet in service has them: an affirming attestation a day ago in the
+  history, its counters, its latest evidence (the PCR values; no event log),
+  a status row whose credential has long expired and been announced. The
+  tables keyed by device then hold a row per device, as they would, and every
+  attestation in the benchmark updates rows rather than inserting them. (Not
+  loaded: that attestation's audit record and verdict event, credential record
+  and nonce: a global log, an event feed that retention trims, and rows the
+  expiry sweep deletes.)
 
 Keys are software keys derived from a seed (scalar = SHA-256(seed, label,
 index)), so nothing secret has to be stored: the load generator re-derives
@@ -389,20 +398,55 @@ def ak_public_area_tpm2b(seed: bytes, index: int, ak_pool: int) -> bytes:
     return tpm2b(ak_public_area(ak_key(seed, index, ak_pool)))
 
 
+# The earlier attestation each device has (history=True): what attestd records of an
+# affirming verdict under the policy ``default`` (version 1, the first published).
+HISTORY_AGE_MS = 24 * 3600 * 1000
+HISTORY_CREDENTIAL_MS = 3600 * 1000
+TRUST_VECTOR = {"instance-identity": 2, "configuration": 2, "executables": 3, "hardware": 2}
+_HISTORY_SQL = (
+    "INSERT INTO attestations (id, device_id, at_ms, status, failures, warnings, trust_vector,"
+    " policy_name, policy_version, clock, pcrs, credential_expires_at_ms, boot_state)"
+    " VALUES (?,?,?,'affirming','[]','[]',?,'default',1,?,?,?,NULL)",
+    "INSERT INTO attestation_counts (device_id, total, affirming, failed) VALUES (?,1,1,0)",
+    "INSERT INTO evidence (device_id, attestation_id, at_ms, status, values_verified, pcrs,"
+    " event_log) VALUES (?,?,?,'affirming',1,?,NULL)",
+    "INSERT INTO device_status (device_id, revoked, revoked_at_ms, revocation_reason,"
+    " credentials_invalid_before_ms, live_expires_at_ms) VALUES (?,0,0,'',0,0)",
+)
+
+
+def _load_history(
+    conn: sqlite3.Connection, ids: list[str], first_id: int, at_ms: int, clock: str, pcrs: str
+) -> None:
+    """The rows an earlier affirming attestation left for each of ``ids`` (sorted), whose
+    attestation ids are first_id, first_id + 1, ..."""
+    trust = json.dumps(TRUST_VECTOR)
+    expires = at_ms + HISTORY_CREDENTIAL_MS
+    attestations, counts, evidence, status = _HISTORY_SQL
+    conn.executemany(
+        attestations,
+        ((first_id + k, d, at_ms, trust, clock, pcrs, expires) for k, d in enumerate(ids)),
+    )
+    conn.executemany(counts, ((d,) for d in ids))
+    conn.executemany(evidence, ((d, first_id + k, at_ms, pcrs) for k, d in enumerate(ids)))
+    conn.executemany(status, ((d,) for d in ids))
+
+
 def bulk_load(
     store_path: str | Path,
     n_devices: int,
     *,
     seed: bytes = b"attestd-bench-fleet",
     ak_pool: int = 0,
+    history: bool = True,
     procs: int | None = None,
     chunk: int = 5000,
     txn_rows: int = 100_000,
     progress: bool = False,
 ) -> Fleet:
-    """Create a store at ``store_path`` holding ``n_devices`` enrolled devices and the
-    policy ``default``; write fleet.json, devices.txt and the EK CA beside it; return
-    the Fleet."""
+    """Create a store at ``store_path`` holding ``n_devices`` enrolled devices (each with
+    its earlier attestation's rows, unless ``history`` is false) and the policy
+    ``default``; write fleet.json, devices.txt and the EK CA beside it; return the Fleet."""
     store_path = Path(store_path)
     directory = store_path.parent
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -435,8 +479,10 @@ def bulk_load(
     sql = (
         "INSERT INTO devices (device_id, ek_fingerprint, ek_public, ek_certificate, ak_public,"
         " ak_name, enrolled_at_ms, activated_at_ms, facts, clock, last_attestation_id)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,NULL)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?)"
     )
+    pcrs_json = json.dumps({"sha256": {str(i): d.hex() for i, d in sorted(pcrs.items())}})
+    next_id = 1
     ids: list[str] = [""] * n_devices
     t0 = time.monotonic()
     procs = procs or os.cpu_count() or 1
@@ -459,9 +505,19 @@ def bulk_load(
             pending.extend(rows)
             done += len(rows)
             if len(pending) >= txn_rows or done == n_devices:
-                # Sorted: both indexes (device_id and ek_fingerprint) grow in key order.
+                # Sorted: the indexes keyed by device_id grow in key order within a batch.
                 pending.sort()
-                conn.executemany(sql, pending)
+                first = next_id
+                conn.executemany(
+                    sql,
+                    ((*row, first + k if history else None) for k, row in enumerate(pending)),
+                )
+                if history:
+                    ids_sorted = [row[0] for row in pending]
+                    _load_history(
+                        conn, ids_sorted, first, now_ms - HISTORY_AGE_MS, clock, pcrs_json
+                    )
+                    next_id += len(pending)
                 pending = []
                 conn.execute("COMMIT")
                 if done < n_devices:
@@ -494,6 +550,11 @@ def main() -> None:
     p.add_argument("n_devices", type=int)
     p.add_argument("--ak-pool", type=int, default=0, help="share K AKs among all devices")
     p.add_argument("--procs", type=int, default=None)
+    p.add_argument(
+        "--no-history",
+        action="store_true",
+        help="enrolled devices only, without the rows of an earlier attestation",
+    )
     args = p.parse_args()
     t0 = time.monotonic()
     directory = Path(args.data_dir)
@@ -502,6 +563,7 @@ def main() -> None:
         args.n_devices,
         ak_pool=args.ak_pool,
         procs=args.procs,
+        history=not args.no_history,
         progress=True,
     )
     size = sum(f.stat().st_size for f in directory.glob("attestd.sqlite*"))
