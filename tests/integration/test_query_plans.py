@@ -1,7 +1,9 @@
 """At fleet scale no statement may read a whole table that grows with the fleet.
 
-Every SQL statement that an enrollment, an attestation (GetNonce, Attest, the
-verdict's record), a credential check and the periodic sweeps (expiry
+Every SQL statement that an enrollment, a revocation and readmission, an
+attestation (GetNonce, Attest, the verdict's record), a gateway's look-ups
+(VerifyCredential by token and by certificate, GetVerdict, GetDevice,
+WatchVerdicts for one device and for all) and the periodic sweeps (expiry
 announcements, audit checkpoints, retention) run on the store's connection is
 captured from the real server, and SQLite's own query plan for each must find its
 rows through a key or an index. A full scan there costs, every second or every
@@ -20,7 +22,7 @@ import pytest
 from conftest import Device, ServerThread
 
 from attestd.service.server import checkpoint_audit
-from attestd.v1 import common_pb2, verdicts_pb2
+from attestd.v1 import common_pb2, enrollment_pb2, verdicts_pb2
 
 pytestmark = pytest.mark.integration
 
@@ -88,6 +90,13 @@ def test_enrolling_attesting_and_the_sweeps_read_no_fleet_table_whole(
     store.db.conn.set_trace_callback(trace)
     try:
         device_factory()  # a second device enrolls and is activated
+        # An admin revokes the device and readmits it.
+        server.devices.RevokeDevice(
+            enrollment_pb2.RevokeDeviceRequest(device_id=device.device_id, reason="test")
+        )
+        server.devices.ReadmitDevice(
+            enrollment_pb2.ReadmitDeviceRequest(device_id=device.device_id, reason="test")
+        )
         for _ in range(2):
             result = device.agent.attest()
             assert result.verdict.status == common_pb2.VERDICT_STATUS_AFFIRMING
@@ -97,6 +106,19 @@ def test_enrolling_attesting_and_the_sweeps_read_no_fleet_table_whole(
         ):
             checked = server.verdicts.VerifyCredential(request)
             assert checked.state == verdicts_pb2.CREDENTIAL_STATE_VALID
+        # A gateway's look-ups.
+        verdict = server.verdicts.GetVerdict(
+            verdicts_pb2.GetVerdictRequest(device_id=device.device_id)
+        )
+        assert verdict.verdict.status == common_pb2.VERDICT_STATUS_AFFIRMING
+        server.devices.GetDevice(enrollment_pb2.GetDeviceRequest(device_id=device.device_id))
+        for watch in (
+            verdicts_pb2.WatchVerdictsRequest(device_ids=[device.device_id]),
+            verdicts_pb2.WatchVerdictsRequest(after_cursor=1),
+        ):
+            stream = server.verdicts.WatchVerdicts(watch, timeout=30)
+            assert next(iter(stream)).cursor > 0
+            stream.cancel()
         server.advance(24 * 3600.0)  # the credentials expire: the sweep announces them
         assert server.call(state.store(store.announce_expiries, state.now_ms())) == 1
         server.call(state.store(store.prune, state.now_ms(), 1))
