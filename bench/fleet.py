@@ -403,16 +403,6 @@ def ak_public_area_tpm2b(seed: bytes, index: int, ak_pool: int) -> bytes:
 HISTORY_AGE_MS = 24 * 3600 * 1000
 HISTORY_CREDENTIAL_MS = 3600 * 1000
 TRUST_VECTOR = {"instance-identity": 2, "configuration": 2, "executables": 3, "hardware": 2}
-_HISTORY_SQL = (
-    "INSERT INTO attestations (id, device_id, at_ms, status, failures, warnings, trust_vector,"
-    " policy_name, policy_version, clock, pcrs, credential_expires_at_ms, boot_state)"
-    " VALUES (?,?,?,'affirming','[]','[]',?,'default',1,?,?,?,NULL)",
-    "INSERT INTO attestation_counts (device_id, total, affirming, failed) VALUES (?,1,1,0)",
-    "INSERT INTO evidence (device_id, attestation_id, at_ms, status, values_verified, pcrs,"
-    " event_log) VALUES (?,?,?,'affirming',1,?,NULL)",
-    "INSERT INTO device_status (device_id, revoked, revoked_at_ms, revocation_reason,"
-    " credentials_invalid_before_ms, live_expires_at_ms) VALUES (?,0,0,'',0,0)",
-)
 
 
 def _load_history(
@@ -422,14 +412,26 @@ def _load_history(
     attestation ids are first_id, first_id + 1, ..."""
     trust = json.dumps(TRUST_VECTOR)
     expires = at_ms + HISTORY_CREDENTIAL_MS
-    attestations, counts, evidence, status = _HISTORY_SQL
     conn.executemany(
-        attestations,
+        "INSERT INTO attestations (id, device_id, at_ms, status, failures, warnings,"
+        " trust_vector, policy_name, policy_version, clock, pcrs, credential_expires_at_ms,"
+        " boot_state) VALUES (?,?,?,'affirming','[]','[]',?,'default',1,?,?,?,NULL)",
         ((first_id + k, d, at_ms, trust, clock, pcrs, expires) for k, d in enumerate(ids)),
     )
-    conn.executemany(counts, ((d,) for d in ids))
-    conn.executemany(evidence, ((d, first_id + k, at_ms, pcrs) for k, d in enumerate(ids)))
-    conn.executemany(status, ((d,) for d in ids))
+    conn.executemany(
+        "INSERT INTO attestation_counts (device_id, total, affirming, failed) VALUES (?,1,1,0)",
+        ((d,) for d in ids),
+    )
+    conn.executemany(
+        "INSERT INTO evidence (device_id, attestation_id, at_ms, status, values_verified, pcrs,"
+        " event_log) VALUES (?,?,?,'affirming',1,?,NULL)",
+        ((d, first_id + k, at_ms, pcrs) for k, d in enumerate(ids)),
+    )
+    conn.executemany(
+        "INSERT INTO device_status (device_id, revoked, revoked_at_ms, revocation_reason,"
+        " credentials_invalid_before_ms, live_expires_at_ms) VALUES (?,0,0,'',0,0)",
+        ((d,) for d in ids),
+    )
 
 
 def bulk_load(
